@@ -1,0 +1,221 @@
+"""Hidden states of one token per row at chosen decoder layers.
+
+Speed matters more here than anywhere else in saft_gx: the model runs only up to the deepest layer asked
+for (a forward hook stops it there), rows are sorted by length and packed into batches under a token
+budget, and everything runs under ``torch.inference_mode``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import SaftError
+from .models import LoadedModel
+from .rows import Row, format_row, uses_chat_template
+
+TOKEN_POSITIONS = ("last", "prompt-end", "mean")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """How a row becomes a vector.
+
+    layers: 1-based decoder blocks whose *output* is read (layer L = ``hidden_states[L]`` in transformers).
+    token: ``last`` (last token of the formatted row), ``prompt-end`` (last token of the assistant header,
+        before the response), or ``mean`` (mean over all tokens of the row).
+    max_tokens: rows longer than this are an error, or cut to this length with ``overlong="truncate"``.
+    batch_tokens: padded tokens per forward pass; the batch size follows from the row lengths.
+    """
+
+    layers: tuple[int, ...]
+    token: str = "last"
+    max_tokens: int = 1024
+    overlong: str = "error"
+    batch_tokens: int = 16384
+    max_batch_rows: int = 256
+
+    def __post_init__(self) -> None:
+        if self.token not in TOKEN_POSITIONS:
+            raise SaftError(f"--token {self.token!r}: choose one of {', '.join(TOKEN_POSITIONS)}")
+        if self.overlong not in ("error", "truncate"):
+            raise SaftError(f"--overlong {self.overlong!r}: choose error or truncate")
+        if not self.layers:
+            raise SaftError("at least one layer is needed")
+        if self.max_tokens < 2:
+            raise SaftError("--max-tokens must be at least 2")
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest needed layer: the rest of the model never runs."""
+
+
+def decoder_layers(model: Any) -> Any:
+    """The model's list of decoder blocks (``model.model.layers`` for Llama-like models)."""
+    import torch
+
+    n = model.config.num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise SaftError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+@dataclass
+class Tokenized:
+    ids: list[int]
+    position: int  # index of the token whose hidden state is read (ignored for "mean")
+
+
+class Embedder:
+    """Turns rows into vectors with a loaded model. Counts forward passes (``forward_calls``) so callers
+    and tests can prove the cache works."""
+
+    def __init__(self, lm: LoadedModel, config: EmbedConfig):
+        bad = [layer for layer in config.layers if not 1 <= layer <= lm.num_layers]
+        if bad:
+            raise SaftError(f"--layer {bad[0]}: this model has layers 1..{lm.num_layers}")
+        self.lm = lm
+        self.config = config
+        self.forward_calls = 0
+        self.rows_embedded = 0
+        self._layers = decoder_layers(lm.model)
+        self._templated = uses_chat_template(lm.tokenizer)
+
+    @property
+    def dim(self) -> int:
+        return self.lm.hidden_size
+
+    def tokenize(self, rows: Sequence[Row], row_ids: Sequence[int]) -> list[Tokenized]:
+        cfg = self.config
+        tok = self.lm.tokenizer
+        texts, heads = zip(*(format_row(tok, r) for r in rows)) if rows else ((), ())
+        enc = tok(
+            list(texts),
+            add_special_tokens=not self._templated,
+            return_offsets_mapping=bool(getattr(tok, "is_fast", False)),
+        )
+        out: list[Tokenized] = []
+        for i, ids in enumerate(enc["input_ids"]):
+            rid = row_ids[i]
+            if not ids:
+                raise SaftError(f"row {rid}: the text tokenizes to nothing")
+            head = heads[i]
+            if cfg.token == "prompt-end":
+                if head is None:
+                    raise SaftError("--token prompt-end needs prompt/response or messages rows, not plain text")
+                offsets = enc.get("offset_mapping")
+                if offsets is not None:
+                    # last token that starts inside the prompt part
+                    pos = max(j for j, (s, _e) in enumerate(offsets[i]) if s < head)
+                else:
+                    pos = len(tok(texts[i][:head], add_special_tokens=not self._templated)["input_ids"]) - 1
+            else:
+                pos = len(ids) - 1
+            if len(ids) > cfg.max_tokens:
+                if cfg.overlong == "error":
+                    raise SaftError(
+                        f"row {rid}: {len(ids)} tokens, over --max-tokens {cfg.max_tokens}; "
+                        "raise --max-tokens or pass --overlong truncate"
+                    )
+                if cfg.token == "prompt-end" and pos >= cfg.max_tokens:
+                    raise SaftError(
+                        f"row {rid}: its prompt alone is over --max-tokens {cfg.max_tokens}, "
+                        "so the prompt-end token cannot be read; raise --max-tokens"
+                    )
+                ids = ids[: cfg.max_tokens]
+                if cfg.token != "prompt-end":
+                    pos = cfg.max_tokens - 1
+            out.append(Tokenized(ids=list(ids), position=pos))
+        return out
+
+    def batches(self, tokenized: Sequence[Tokenized]) -> list[list[int]]:
+        """Indices grouped into length-sorted batches under the padded-token budget (longest first, so an
+        out-of-memory error shows up on the first batch, not after an hour)."""
+        order = sorted(range(len(tokenized)), key=lambda i: -len(tokenized[i].ids))
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        cur_len = 0
+        for i in order:
+            n = len(tokenized[i].ids)
+            width = max(cur_len, n)
+            if cur and (width * (len(cur) + 1) > self.config.batch_tokens or len(cur) >= self.config.max_batch_rows):
+                groups.append(cur)
+                cur, width = [], n
+            cur.append(i)
+            cur_len = width
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def embed(self, rows: Sequence[Row], row_ids: Sequence[int] | None = None) -> np.ndarray:
+        """Vectors of shape (len(rows), len(layers), hidden_size), float32."""
+        if row_ids is None:
+            row_ids = list(range(len(rows)))
+        tokenized = self.tokenize(rows, row_ids)
+        return self.embed_tokenized(tokenized)
+
+    def embed_tokenized(self, tokenized: Sequence[Tokenized]) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(tokenized), len(self.config.layers), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for group in self.batches(tokenized):
+                vecs = self._forward([tokenized[i] for i in group])
+                out[group] = vecs
+        self.rows_embedded += len(tokenized)
+        return out
+
+    def _forward(self, items: Sequence[Tokenized]) -> np.ndarray:
+        import torch
+
+        lm = self.lm
+        width = max(len(t.ids) for t in items)
+        pad = lm.tokenizer.pad_token_id or 0
+        ids = torch.full((len(items), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for b, t in enumerate(items):  # right padding: causal attention keeps real tokens unaffected
+            ids[b, : len(t.ids)] = torch.tensor(t.ids)
+            mask[b, : len(t.ids)] = 1
+        ids = ids.to(lm.device, non_blocking=True)
+        mask = mask.to(lm.device, non_blocking=True)
+        positions = torch.tensor([t.position for t in items], device=lm.device)
+
+        wanted = sorted(set(self.config.layers))
+        deepest = wanted[-1]
+        captured: dict[int, Any] = {}
+        handles = []
+
+        def make_hook(layer: int):
+            def hook(_module, _inputs, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                captured[layer] = self._pool(hidden, mask, positions)
+                if layer == deepest:
+                    raise _StopForward
+
+            return hook
+
+        for layer in wanted:
+            handles.append(self._layers[layer - 1].register_forward_hook(make_hook(layer)))
+        try:
+            self.forward_calls += 1
+            lm.model.model(input_ids=ids, attention_mask=mask, use_cache=False) if hasattr(
+                lm.model, "model"
+            ) else lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        stacked = torch.stack([captured[layer] for layer in self.config.layers], dim=1)
+        return stacked.float().cpu().numpy()
+
+    def _pool(self, hidden: Any, mask: Any, positions: Any) -> Any:
+        import torch
+
+        if self.config.token == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]

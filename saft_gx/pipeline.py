@@ -1,0 +1,290 @@
+"""Run SAFT over a dataset file: embed (through the cache), fit, score, threshold, write the scored file.
+
+Three streaming passes, none holding more than a chunk of rows or the d×d statistics in memory:
+1. embed every row not yet in the cache, validating the rows on the way (and accumulate fit statistics);
+2. read embeddings back from the cache and score them (n floats and n digests are kept);
+3. stream the input again and write it with the score columns appended, atomically.
+Nothing here knows about Click, DuckDB or Great Expectations.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .cache import EmbeddingCache
+from .embed import EmbedConfig, Embedder
+from .errors import SaftError
+from .models import LoadedModel, load_model
+from .readers import Dataset, check_text_types, open_dataset
+from .rows import ColumnSpec, detect_columns, rows_from_frame
+from .subspace import Detector, MomentStats
+from .threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
+
+# Measured on SmolLM2-135M-Instruct (30 layers) with tests/bench/detection.py; see README "Choosing the layer".
+DEFAULT_LAYER_FRACTION = 15 / 30
+DEFAULT_TOKEN = "last"
+DEFAULT_K = 1
+DEFAULT_MAX_TOKENS = 1024
+
+OUTPUT_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")
+
+Progress = Callable[[int], None]
+
+
+def default_layer(num_layers: int) -> int:
+    return max(1, min(num_layers, round(DEFAULT_LAYER_FRACTION * num_layers)))
+
+
+@dataclass
+class ColumnOptions:
+    prompt: str | None = None
+    response: str | None = None
+    text: str | None = None
+    messages: str | None = None
+
+    def resolve(self, ds: Dataset) -> ColumnSpec:
+        spec = detect_columns(ds.columns, prompt=self.prompt, response=self.response, text=self.text,
+                              messages=self.messages)
+        check_text_types(ds, [c for c in (spec.prompt, spec.response, spec.text) if c])
+        return spec
+
+
+def _null_progress(_n: int) -> None:
+    pass
+
+
+@dataclass
+class EmbedSummary:
+    rows: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+
+
+def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: EmbeddingCache, *,
+                  stats: dict[int, MomentStats] | None = None, progress: Progress = _null_progress,
+                  frame_rows: int = 4096, flush_rows: int = 512) -> EmbedSummary:
+    """Pass 1: make sure every row's embedding is in the cache; optionally accumulate fit statistics
+    per layer from the cached (float16-rounded) vectors, so fit and score see identical numbers.
+
+    ``flush_rows`` bounds the work a kill can lose."""
+    layers = embedder.config.layers
+    summary = EmbedSummary()
+    t0 = time.perf_counter()
+    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
+        rows = rows_from_frame(df, spec, first)
+        keys = [r.content_key() for r in rows]
+        missing = np.flatnonzero(cache.missing(keys, layers))
+        progress(len(rows) - len(missing))
+        if len(missing):
+            # tokenizing the whole frame first validates it before any model time is spent on it
+            tokenized = embedder.tokenize([rows[i] for i in missing], [first + int(i) for i in missing])
+            order = sorted(range(len(missing)), key=lambda j: -len(tokenized[j].ids))
+            for start in range(0, len(order), flush_rows):
+                part = order[start : start + flush_rows]
+                vecs = embedder.embed_tokenized([tokenized[j] for j in part])
+                part_keys = [keys[missing[j]] for j in part]
+                for li, layer in enumerate(layers):
+                    cache.layer(layer).put(part_keys, vecs[:, li, :])
+                progress(len(part))
+            summary.computed += len(missing)
+        if stats is not None:
+            for layer in layers:
+                stats[layer].update(cache.layer(layer).get(keys))
+        summary.rows += len(rows)
+    if summary.rows == 0:
+        raise SaftError(f"{ds.path}: the dataset has no rows")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
+                 frame_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Pass 2: scores (n,) float64 and content digests (n, 32) uint8 of every row, from the cache only."""
+    scores, digests = [], []
+    lc = cache.layer(layer)
+    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
+        rows = rows_from_frame(df, spec, first)
+        keys = [r.content_key() for r in rows]
+        scores.append(detector.score(lc.get(keys)))
+        digests.append(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 32))
+    return np.concatenate(scores), np.concatenate(digests)
+
+
+def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndarray, digests: np.ndarray,
+                 detector_id: str, *, frame_rows: int = 4096) -> Path:
+    """Pass 3: the input's columns (exact types) plus OUTPUT_COLUMNS, written to a temp file and renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    writer = None
+    start = 0
+    try:
+        for batch in ds.arrow_batches(batch_rows=frame_rows):
+            table = pa.Table.from_batches([batch])
+            table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
+            n = table.num_rows
+            sl = slice(start, start + n)
+            extra = {
+                "row_id": pa.array(np.arange(start, start + n, dtype=np.int64)),
+                "text_sha256": pa.array([d.tobytes().hex() for d in digests[sl]], type=pa.string()),
+                "harm_score": pa.array(scores[sl], type=pa.float64()),
+                "harm_flag": pa.array(flags[sl], type=pa.bool_()),
+                "detector_id": pa.array([detector_id] * n, type=pa.string()),
+            }
+            for name, arr in extra.items():
+                table = table.append_column(name, arr)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            else:
+                table = table.cast(writer.schema)
+            writer.write_table(table)
+            start += n
+        if writer is None:
+            raise SaftError(f"{ds.path}: the dataset has no rows")
+        writer.close()
+        writer = None
+        if start != len(scores):
+            raise SaftError(f"{ds.path}: changed while it was being scored ({start} rows now, {len(scores)} before)")
+        os.replace(tmp, out_path)
+    finally:
+        if writer is not None:
+            writer.close()
+        Path(tmp).unlink(missing_ok=True)
+    return out_path
+
+
+@dataclass
+class ScoreResult:
+    out_path: Path
+    detector: Detector
+    threshold: float
+    threshold_rule: str
+    rows: int
+    flagged: int
+    embed: EmbedSummary
+    seconds: float
+    source_sha256: str
+    columns: ColumnSpec
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.seconds if self.seconds else float("nan")
+
+
+@dataclass
+class EmbedOptions:
+    model: str | None = None
+    layer: int | None = None
+    token: str | None = None
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    overlong: str = "error"
+    device: str | None = None
+    dtype: str | None = None
+    batch_tokens: int | None = None
+    cache_dir: str | None = None
+
+
+class Session:
+    """A loaded model plus its cache: reuse one across calls to avoid reloading the model."""
+
+    def __init__(self, opts: EmbedOptions, *, lm: LoadedModel | None = None, detector: Detector | None = None):
+        meta = detector.meta if detector is not None else {}
+        model_ref = opts.model or meta.get("model")
+        self.lm = lm or load_model(model_ref, device=opts.device, dtype=opts.dtype)
+        if detector is not None:
+            check_detector_matches(detector, self.lm, opts)
+        layer = opts.layer or meta.get("layer") or default_layer(self.lm.num_layers)
+        token = opts.token or meta.get("token") or DEFAULT_TOKEN
+        max_tokens = int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens
+        overlong = meta.get("overlong", opts.overlong) if detector is not None else opts.overlong
+        cfg_kwargs: dict[str, Any] = {}
+        if opts.batch_tokens:
+            cfg_kwargs["batch_tokens"] = opts.batch_tokens
+        self.config = EmbedConfig(layers=(int(layer),), token=token, max_tokens=max_tokens, overlong=overlong, **cfg_kwargs)
+        self.embedder = Embedder(self.lm, self.config)
+        self.cache = EmbeddingCache(opts.cache_dir, model_fingerprint=self.lm.fingerprint, token=token,
+                                    max_tokens=max_tokens, overlong=overlong, dim=self.lm.hidden_size)
+
+    @property
+    def layer(self) -> int:
+        return self.config.layers[0]
+
+    def detector_meta(self, ds: Dataset, spec: ColumnSpec) -> dict[str, Any]:
+        return {
+            "model": self.lm.model_ref,
+            "model_fingerprint": self.lm.fingerprint,
+            "layer": self.layer,
+            "token": self.config.token,
+            "max_tokens": self.config.max_tokens,
+            "overlong": self.config.overlong,
+            "fitted_on": str(ds.path.name),
+            "columns": spec.to_dict(),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def check_detector_matches(detector: Detector, lm: LoadedModel, opts: EmbedOptions) -> None:
+    meta = detector.meta
+    fp = meta.get("model_fingerprint")
+    if fp and fp != lm.fingerprint:
+        raise SaftError(
+            f"the detector was fitted on model {meta.get('model')!r} (fingerprint {fp[:12]}), "
+            f"not on {lm.model_ref!r} ({lm.fingerprint[:12]}); refit it or pass the matching --model"
+        )
+    if detector.dim != lm.hidden_size:
+        raise SaftError(f"the detector has dimension {detector.dim}, the model {lm.hidden_size}")
+    for opt, key in ((opts.layer, "layer"), (opts.token, "token")):
+        if opt is not None and meta.get(key) is not None and opt != meta[key]:
+            raise SaftError(f"--{key} {opt}: the detector was fitted at {key} {meta[key]}; drop the option or refit")
+
+
+def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int = DEFAULT_K, weighting: str = "none",
+        progress: Progress = _null_progress) -> tuple[Detector, EmbedSummary]:
+    stats = {session.layer: MomentStats(session.lm.hidden_size)}
+    summary = embed_dataset(ds, spec, session.embedder, session.cache, stats=stats, progress=progress)
+    det = Detector.fit(stats[session.layer], k=k, weighting=weighting, meta=session.detector_meta(ds, spec))
+    return det, summary
+
+
+def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, columns: ColumnOptions,
+               detector: Detector | None = None, k: int = DEFAULT_K, weighting: str = "none",
+               rule: ThresholdRule | None = None, session: Session | None = None,
+               progress: Progress = _null_progress) -> ScoreResult:
+    """Score every row of ``path`` and write ``out_path`` (parquet). Without a detector, fit one on the
+    very rows being scored (unsupervised, as in the paper)."""
+    t0 = time.perf_counter()
+    ds = open_dataset(path)
+    spec = columns.resolve(ds)
+    session = session or Session(opts, detector=detector)
+    if detector is None:
+        detector, summary = fit(session, ds, spec, k=k, weighting=weighting, progress=progress)
+    else:
+        summary = embed_dataset(ds, spec, session.embedder, session.cache, progress=progress)
+    scores, digests = score_cached(ds, spec, session.cache, detector, session.layer)
+    if rule is None and detector.threshold is None:
+        rule = ThresholdRule("contamination", DEFAULT_CONTAMINATION)
+    if rule is not None:
+        tau = resolve(rule, scores)
+        rule_text = rule.describe()
+        detector = detector.with_(threshold=tau)
+    else:
+        tau = float(detector.threshold)  # type: ignore[arg-type]
+        rule_text = f"τ = {tau:g} (from the detector)"
+    flags = detector.flag(scores)
+    out = write_scored(ds, Path(out_path), scores, flags, digests, detector.detector_id)
+    return ScoreResult(out_path=out, detector=detector, threshold=tau, threshold_rule=rule_text, rows=len(scores),
+                       flagged=int(flags.sum()), embed=summary, seconds=time.perf_counter() - t0,
+                       source_sha256=ds.sha256(), columns=spec)

@@ -1,0 +1,116 @@
+"""Stream a dataset file (parquet, jsonl, csv) in chunks of rows, never all at once."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+
+from .errors import SaftError
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
+
+
+@dataclass
+class Dataset:
+    """A dataset file. ``frames`` yields ``(first_row_id, DataFrame)``; row ids are 0-based positions."""
+
+    path: Path
+    fmt: str
+    columns: list[str]
+    num_rows: int | None
+
+    def frames(self, columns: list[str] | None = None, batch_rows: int = 4096) -> Iterator[tuple[int, pd.DataFrame]]:
+        start = 0
+        try:
+            for df in self._frames(columns, batch_rows):
+                yield start, df
+                start += len(df)
+        except SaftError:
+            raise
+        except Exception as e:  # a file that breaks half way through
+            raise SaftError(f"{self.path}: unreadable after row {start} ({_first_line(e)})") from None
+
+    def _frames(self, columns: list[str] | None, batch_rows: int) -> Iterator[pd.DataFrame]:
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(self.path)
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+                yield batch.to_pandas()
+        elif self.fmt == "jsonl":
+            for df in pd.read_json(self.path, lines=True, chunksize=batch_rows, dtype=False):
+                yield df[columns] if columns else df
+        else:
+            for df in pd.read_csv(self.path, chunksize=batch_rows, usecols=columns, dtype=object, keep_default_na=True):
+                yield df
+
+    def arrow_batches(self, batch_rows: int = 4096) -> Iterator["object"]:
+        """pyarrow RecordBatches of every column, for writing outputs with the input's exact types."""
+        import pyarrow as pa
+
+        if self.fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows)
+            return
+        for _, df in self.frames(batch_rows=batch_rows):
+            yield pa.RecordBatch.from_pandas(df, preserve_index=False)
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    p = Path(path)
+    if not p.exists():
+        raise SaftError(f"{p}: no such file")
+    if p.is_dir():
+        raise SaftError(f"{p}: is a folder, expected a .parquet, .jsonl or .csv file")
+    fmt = FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise SaftError(f"{p}: unknown format {p.suffix!r}; use .parquet, .jsonl or .csv")
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(p)
+            return Dataset(p, fmt, list(pf.schema_arrow.names), pf.metadata.num_rows)
+        if fmt == "jsonl":
+            first = next(iter(pd.read_json(p, lines=True, chunksize=1, dtype=False)), None)
+        else:
+            first = pd.read_csv(p, nrows=1, dtype=object)
+    except Exception as e:
+        raise SaftError(f"{p}: not a readable {fmt} file ({_first_line(e)})") from None
+    if first is None or len(first.columns) == 0:
+        raise SaftError(f"{p}: the file is empty")
+    return Dataset(p, fmt, [str(c) for c in first.columns], None)
+
+
+def check_text_types(ds: Dataset, columns: list[str]) -> None:
+    """Reject non-text columns up front from the parquet schema (other formats are checked per cell)."""
+    if ds.fmt != "parquet":
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(ds.path).schema_arrow
+    for c in columns:
+        t = schema.field(c).type
+        if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+            continue
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_null(t):
+            continue  # messages columns; an all-null column fails per cell with the row id
+        raise SaftError(f"column {c!r} has type {t}, expected text")

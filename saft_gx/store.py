@@ -1,0 +1,144 @@
+"""DuckDB storage of scored rows, beside the original columns.
+
+One table per dataset holds the input's columns plus ``row_id, text_sha256, harm_score, harm_flag,
+detector_id``; (detector_id, row_id) is unique: re-scoring with the same detector replaces its rows in one
+transaction, a different detector adds its own. ``saft_runs`` records every run. Schema changes to these
+bookkeeping tables are numbered migrations.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import SaftError
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _m1(con: Any) -> None:
+    con.execute(
+        """CREATE TABLE IF NOT EXISTS saft_runs (
+            run_at TIMESTAMP, table_name VARCHAR, detector_id VARCHAR, source VARCHAR, source_sha256 VARCHAR,
+            rows BIGINT, flagged BIGINT, threshold DOUBLE, threshold_rule VARCHAR, model VARCHAR,
+            model_fingerprint VARCHAR, layer INTEGER, token VARCHAR, k INTEGER)"""
+    )
+
+
+MIGRATIONS = [_m1]
+
+
+def table_name_for(path: str | Path) -> str:
+    """A SQL-safe table name from a file name: ``my-data.v2.parquet`` -> ``my_data_v2``."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(path).stem)
+    if not name or name[0].isdigit():
+        name = f"t_{name}"
+    return name
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def connect(db_path: str | Path, *, read_only: bool = False) -> Any:
+    import duckdb
+
+    p = Path(db_path)
+    if read_only and not p.exists():
+        raise SaftError(f"{p}: no such database")
+    try:
+        return duckdb.connect(str(p), read_only=read_only)
+    except duckdb.Error as e:
+        msg = str(e).splitlines()[0]
+        if "lock" in msg.lower():
+            raise SaftError(f"{p}: the database is in use by another process ({msg})") from None
+        raise SaftError(f"{p}: cannot open the database ({msg})") from None
+
+
+def migrate(con: Any) -> None:
+    con.execute("CREATE TABLE IF NOT EXISTS saft_schema (version INTEGER)")
+    row = con.execute("SELECT max(version) FROM saft_schema").fetchone()
+    current = row[0] or 0
+    for version, step in enumerate(MIGRATIONS, start=1):
+        if version > current:
+            step(con)
+            con.execute("INSERT INTO saft_schema VALUES (?)", [version])
+
+
+def _columns(con: Any, sql: str) -> list[tuple[str, str]]:
+    return [(r[0], r[1]) for r in con.execute(f"DESCRIBE {sql}").fetchall()]
+
+
+def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Path, *, detector_id: str,
+                         run: dict[str, Any]) -> int:
+    """Load a scored parquet into ``table``, replacing that detector's earlier rows. All or nothing."""
+    import duckdb
+
+    if not _IDENT.match(table):
+        raise SaftError(f"--table {table!r}: use letters, digits and underscores")
+    con = connect(db_path)
+    try:
+        src = f"read_parquet({_sql_str(str(parquet_path))})"
+        con.execute("BEGIN TRANSACTION")
+        migrate(con)
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
+        ).fetchone()[0]
+        new_cols = _columns(con, f"SELECT * FROM {src}")
+        if exists:
+            old_cols = _columns(con, quote(table))
+            if old_cols != new_cols:
+                raise SaftError(
+                    f"table {table!r} exists with another schema ({_diff(old_cols, new_cols)}); "
+                    "pass --table to store these rows elsewhere"
+                )
+            con.execute(f"DELETE FROM {quote(table)} WHERE detector_id = ?", [detector_id])
+            con.execute(f"INSERT INTO {quote(table)} SELECT * FROM {src}")
+        else:
+            con.execute(f"CREATE TABLE {quote(table)} AS SELECT * FROM {src}")
+        n = con.execute(f"SELECT count(*) FROM {quote(table)} WHERE detector_id = ?", [detector_id]).fetchone()[0]
+        con.execute(
+            "INSERT INTO saft_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [datetime.now(timezone.utc).replace(tzinfo=None), table, detector_id, run.get("source"),
+             run.get("source_sha256"), run.get("rows"), run.get("flagged"), run.get("threshold"),
+             run.get("threshold_rule"), run.get("model"), run.get("model_fingerprint"), run.get("layer"),
+             run.get("token"), run.get("k")],
+        )
+        con.execute("COMMIT")
+        return int(n)
+    except BaseException as e:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass
+        if isinstance(e, duckdb.Error):
+            raise SaftError(f"{db_path}: {str(e).splitlines()[0]}") from None
+        raise
+    finally:
+        con.close()
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _diff(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> str:
+    o, n = dict(old), dict(new)
+    parts = [f"missing {c}" for c in n if c not in o] + [f"extra {c}" for c in o if c not in n]
+    parts += [f"{c}: {o[c]} vs {n[c]}" for c in n if c in o and o[c] != n[c]]
+    return ", ".join(parts[:4]) or "column order differs"
+
+
+def query(db_path: str | Path, sql: str) -> Any:
+    """Run ``sql`` on a read-only connection and return a pandas DataFrame."""
+    import duckdb
+
+    con = connect(db_path, read_only=True)
+    try:
+        return con.execute(sql).df()
+    except duckdb.Error as e:
+        raise SaftError(f"query failed: {str(e).splitlines()[0]}") from None
+    finally:
+        con.close()

@@ -1,0 +1,241 @@
+"""SAFT's statistics, fit and score: pure NumPy, no I/O besides explicit save/load.
+
+The fit never needs the n×d embedding matrix. The covariance of centred embeddings is
+C = (Σxxᵀ − n·μμᵀ) / n, and its eigenvectors are the right singular vectors of the centred matrix, so
+three running sums (count, Σx, Σxxᵀ, in float64) are enough — and sums merge across shards and machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import SaftError
+
+WEIGHTINGS = ("none", "sigma")
+
+
+@dataclass
+class MomentStats:
+    """Running count, sum and sum of outer products of vectors. ``merge`` is exact and associative."""
+
+    dim: int
+    n: int = 0
+    sum: np.ndarray = field(default=None)  # type: ignore[assignment]
+    outer: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.sum is None:
+            self.sum = np.zeros(self.dim, dtype=np.float64)
+        if self.outer is None:
+            self.outer = np.zeros((self.dim, self.dim), dtype=np.float64)
+
+    def update(self, x: np.ndarray) -> "MomentStats":
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected (n, {self.dim}) vectors, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise SaftError("the model produced non-finite hidden states (inf/NaN); try fp32 (--dtype float32)")
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.outer += x.T @ x
+        return self
+
+    def merge(self, other: "MomentStats") -> "MomentStats":
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge statistics of dimension {self.dim} and {other.dim}")
+        return MomentStats(self.dim, self.n + other.n, self.sum + other.sum, self.outer + other.outer)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.n, 1)
+
+    def covariance(self) -> np.ndarray:
+        """Population covariance (divided by n), symmetrised against rounding."""
+        if self.n < 2:
+            raise SaftError(f"need at least 2 rows to fit a detector, got {self.n}")
+        mu = self.mean
+        c = self.outer / self.n - np.outer(mu, mu)
+        return (c + c.T) / 2
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {f"{prefix}n": np.array([self.n], dtype=np.int64), f"{prefix}sum": self.sum, f"{prefix}outer": self.outer}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str = "") -> "MomentStats":
+        s = arrays[f"{prefix}sum"]
+        return cls(s.shape[0], int(arrays[f"{prefix}n"][0]), s.astype(np.float64), arrays[f"{prefix}outer"].astype(np.float64))
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A fitted SAFT subspace: score(x) = orientation · mean_j w_j ⟨x − μ, v_j⟩².
+
+    mean: (d,) centre μ of the fitted embeddings.
+    components: (k, d) top eigenvectors v_j of the covariance, largest first.
+    singular_values: (k,) σ_j of the centred n×d matrix (= sqrt(n·eigenvalue)).
+    weighting: ``none`` (w_j = 1, the paper's score) or ``sigma`` (w_j = σ_j / Σσ, emphasising the top direction).
+    orientation: +1 when large scores mean harmful (the default); −1 flips it when labels show the opposite.
+    threshold: τ; rows with score > τ are flagged. None until chosen.
+    meta: the embedding it belongs to (model fingerprint, layer, token, …) and provenance.
+    """
+
+    mean: np.ndarray
+    components: np.ndarray
+    singular_values: np.ndarray
+    weighting: str = "none"
+    orientation: int = 1
+    threshold: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.mean.shape[0])
+
+    @classmethod
+    def fit(cls, stats: MomentStats, *, k: int = 1, weighting: str = "none", meta: dict[str, Any] | None = None) -> "Detector":
+        if weighting not in WEIGHTINGS:
+            raise SaftError(f"weighting {weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+        if not 1 <= k <= stats.dim:
+            raise SaftError(f"k={k}: must be between 1 and the embedding size {stats.dim}")
+        if k >= stats.n:
+            raise SaftError(f"k={k} directions need more than {k} rows; got {stats.n}")
+        evals, evecs = np.linalg.eigh(stats.covariance())
+        top = np.argsort(evals)[::-1][:k]
+        comps = evecs[:, top].T.copy()
+        # eigenvector signs are arbitrary; fix them so a refit gives bit-identical artifacts
+        signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
+        comps *= signs[:, None]
+        sv = np.sqrt(np.clip(evals[top], 0, None) * stats.n)
+        m = dict(meta or {})
+        m.setdefault("n", stats.n)
+        return cls(mean=stats.mean.copy(), components=comps, singular_values=sv, weighting=weighting, meta=m)
+
+    def _weights(self) -> np.ndarray:
+        if self.weighting == "sigma":
+            total = self.singular_values.sum()
+            return self.singular_values / total if total > 0 else np.full(self.k, 1.0 / self.k)
+        return np.full(self.k, 1.0 / self.k)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Harm scores of (n, d) vectors, float64; higher = more likely harmful."""
+        x = np.asarray(x, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise SaftError(f"embedding size {x.shape[-1]} does not match the detector's {self.dim}")
+        proj = (x - self.mean) @ self.components.T
+        return self.orientation * (proj**2 @ self._weights())
+
+    def flag(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise SaftError("the detector has no threshold; pass --threshold, --remove-fraction or --contamination")
+        return np.asarray(scores) > self.threshold
+
+    def with_(self, **changes: Any) -> "Detector":
+        return replace(self, **changes)
+
+    # ---- identity and persistence (safetensors + JSON; never pickle) ----
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "k": self.k,
+            "dim": self.dim,
+            "weighting": self.weighting,
+            "orientation": self.orientation,
+            "threshold": self.threshold,
+            **{k: v for k, v in self.meta.items()},
+        }
+
+    @property
+    def detector_id(self) -> str:
+        """Content hash of tensors and scoring settings: equal ids score identically."""
+        h = hashlib.sha256()
+        for a in (self.mean, self.components, self.singular_values):
+            h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        ident = {
+            "weighting": self.weighting,
+            "orientation": self.orientation,
+            "threshold": self.threshold,
+            **{k: self.meta.get(k) for k in ("model_fingerprint", "layer", "token", "max_tokens", "overlong")},
+        }
+        h.update(json.dumps(ident, sort_keys=True).encode())
+        return h.hexdigest()[:16]
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` atomically."""
+        from safetensors.numpy import save_file
+
+        from . import __version__
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {
+            **self.config(),
+            "detector_id": self.detector_id,
+            "saft_gx_version": __version__,
+            "created_at": self.meta.get("created_at") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        tensors = {"mean": self.mean, "components": self.components, "singular_values": self.singular_values}
+        _atomic_write(d / "detector.safetensors", lambda p: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
+        _atomic_write(d / "detector.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "Detector":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        d = Path(directory)
+        if d.is_file() and d.name in ("detector.json", "detector.safetensors"):
+            d = d.parent
+        meta_path, tensor_path = d / "detector.json", d / "detector.safetensors"
+        if not meta_path.exists() or not tensor_path.exists():
+            raise SaftError(f"--detector {directory}: expected detector.json and detector.safetensors in that folder")
+        try:
+            meta = json.loads(meta_path.read_text())
+            t = load_file(str(tensor_path))
+        except (json.JSONDecodeError, SafetensorError, OSError) as e:
+            raise SaftError(f"--detector {directory}: unreadable ({str(e).splitlines()[0]})") from None
+        meta = dict(meta)
+        for key in ("k", "dim", "detector_id", "saft_gx_version"):
+            meta.pop(key, None)
+        weighting = meta.pop("weighting", "none")
+        orientation = int(meta.pop("orientation", 1))
+        threshold = meta.pop("threshold", None)
+        det = cls(
+            mean=t["mean"].astype(np.float64),
+            components=t["components"].astype(np.float64),
+            singular_values=t["singular_values"].astype(np.float64),
+            weighting=weighting,
+            orientation=orientation,
+            threshold=None if threshold is None else float(threshold),
+            meta=meta,
+        )
+        return det
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+atomic_write = _atomic_write
+__all__ = ["Detector", "MomentStats", "atomic_write", "asdict"]
