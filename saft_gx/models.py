@@ -120,6 +120,23 @@ def _hub_snapshot(model_id: str) -> Path:
         ) from None
 
 
+def _silence_gguf_progress():
+    """transformers' GGUF de-quantisation loop uses a bare tqdm that ignores its progress-bar switch."""
+    try:
+        from functools import partial
+
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        return lambda: None
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(original, disable=True)
+
+    def restore() -> None:
+        gguf_utils.tqdm = original
+
+    return restore
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 
@@ -148,7 +165,8 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
         kwargs["gguf_file"] = gguf
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # GGUF de-quantisation bars would drown our own progress bar
+    hf_logging.disable_progress_bar()  # loading bars would drown our own progress bar
+    quiet_gguf = _silence_gguf_progress()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder), **kwargs)
         model_kwargs = dict(kwargs)
@@ -165,6 +183,7 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        quiet_gguf()
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:

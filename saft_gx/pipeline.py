@@ -288,3 +288,57 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     return ScoreResult(out_path=out, detector=detector, threshold=tau, threshold_rule=rule_text, rows=len(scores),
                        flagged=int(flags.sum()), embed=summary, seconds=time.perf_counter() - t0,
                        source_sha256=ds.sha256(), columns=spec)
+
+
+# ---- in-memory use (Great Expectations metrics, notebooks): rows already in a DataFrame ----
+
+_SESSIONS: dict[tuple, Session] = {}
+
+
+def shared_session(opts: EmbedOptions, detector: Detector | None = None) -> Session:
+    """One Session per (model, embedding settings) per process, so repeated calls load the model once."""
+    meta = detector.meta if detector is not None else {}
+    key = (opts.model or meta.get("model"), opts.layer or meta.get("layer"), opts.token or meta.get("token"),
+           meta.get("max_tokens", opts.max_tokens), meta.get("overlong", opts.overlong), opts.device, opts.dtype,
+           opts.cache_dir, opts.batch_tokens)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Session(opts, detector=detector)
+    elif detector is not None:
+        check_detector_matches(detector, _SESSIONS[key].lm, opts)
+    return _SESSIONS[key]
+
+
+def embed_rows(session: Session, rows: list, first_row_id: int = 0, flush_rows: int = 512) -> np.ndarray:
+    """(n, d) float32 embeddings of ``rows`` at the session's layer, computing only cache misses."""
+    keys = [r.content_key() for r in rows]
+    layer = session.cache.layer(session.layer)
+    missing = np.flatnonzero(~layer.contains(keys))
+    if len(missing):
+        tokenized = session.embedder.tokenize([rows[i] for i in missing], [first_row_id + int(i) for i in missing])
+        for start in range(0, len(missing), flush_rows):
+            part = range(start, min(start + flush_rows, len(missing)))
+            vecs = session.embedder.embed_tokenized([tokenized[j] for j in part])
+            layer.put([keys[missing[j]] for j in part], vecs[:, 0, :])
+    return layer.get(keys)
+
+
+def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Detector | None = None,
+                opts: EmbedOptions | None = None, k: int = DEFAULT_K, weighting: str = "none") -> tuple[np.ndarray, Detector]:
+    """Harm scores of a pandas DataFrame's rows (same formatting, cache and detector as ``score``).
+    Without a detector, one is fitted on these rows. Returns (scores, detector)."""
+    opts = opts or EmbedOptions()
+    columns = columns or ColumnOptions()
+    spec = detect_columns([str(c) for c in df.columns], prompt=columns.prompt, response=columns.response,
+                          text=columns.text, messages=columns.messages)
+    rows = rows_from_frame(df, spec, 0)
+    if not rows:
+        raise SaftError("no rows to score")
+    session = shared_session(opts, detector)
+    x = embed_rows(session, rows)
+    if detector is None:
+        stats = MomentStats(x.shape[1]).update(x)
+        meta = {"model": session.lm.model_ref, "model_fingerprint": session.lm.fingerprint, "layer": session.layer,
+                "token": session.config.token, "max_tokens": session.config.max_tokens,
+                "overlong": session.config.overlong, "columns": spec.to_dict()}
+        detector = Detector.fit(stats, k=k, weighting=weighting, meta=meta)
+    return detector.score(x), detector
