@@ -87,17 +87,17 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     if out and Path(out).resolve() == Path(dataset).resolve():
         raise SaftError("--out must not be the input file")
 
-    tmp_out = None
-    if not out:
-        fd, tmp_out = tempfile.mkstemp(suffix=".parquet", prefix=".saft-", dir=Path(db).resolve().parent)
-        os.close(fd)
+    # Write to a temp file beside the final output; it replaces --out only after the database took the
+    # rows, so a failure anywhere leaves both the old output and the old database as they were.
+    tmp_dir = Path(out).resolve().parent if out else Path(db).resolve().parent
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_out = tempfile.mkstemp(suffix=".parquet", prefix=".saft-", dir=tmp_dir)
+    os.close(fd)
     bar = Progress(ds.num_rows, "embedding", quiet)
     try:
-        result = pipeline.score_file(dataset, out or tmp_out, opts=eopts, columns=copts, detector=det, k=k,
+        result = pipeline.score_file(dataset, tmp_out, opts=eopts, columns=copts, detector=det, k=k,
                                      weighting=weighting, rule=rule, progress=bar)
         bar.close()
-        if save_detector:
-            result.detector.save(save_detector)
         meta = result.detector.meta
         if not no_db:
             store.store_scored_parquet(db, table, result.out_path, detector_id=result.detector.detector_id, run={
@@ -105,10 +105,13 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
                 "flagged": result.flagged, "threshold": result.threshold, "threshold_rule": result.threshold_rule,
                 "model": meta.get("model"), "model_fingerprint": meta.get("model_fingerprint"),
                 "layer": meta.get("layer"), "token": meta.get("token"), "k": result.detector.k})
+        if out:
+            os.replace(tmp_out, out)
+        if save_detector:
+            result.detector.save(save_detector)
     finally:
         bar.close()
-        if tmp_out:
-            Path(tmp_out).unlink(missing_ok=True)
+        Path(tmp_out).unlink(missing_ok=True)
     e = result.embed
     click.echo(
         f"scored {result.rows} rows in {result.seconds:.1f} s ({result.rows_per_second:.1f} rows/s; "

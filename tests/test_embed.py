@@ -1,0 +1,70 @@
+import numpy as np
+import pytest
+import torch
+
+from saft_gx.embed import EmbedConfig, Embedder
+from saft_gx.errors import SaftError
+from saft_gx.rows import Row, format_row
+
+ROWS = [Row(messages=(("user", f"question number {i} " * (1 + i % 5)), ("assistant", "an answer " * (1 + i % 3))))
+        for i in range(12)]
+
+
+def _reference(lm, row, layer, pos=None):
+    text, _ = format_row(lm.tokenizer, row)
+    enc = lm.tokenizer([text], add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode():
+        hs = lm.model(**enc, output_hidden_states=True).hidden_states
+    return hs[layer][0, -1 if pos is None else pos].numpy()
+
+
+def test_stops_at_layer_and_matches_full_forward(tiny_lm):
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(1, 3), token="last", batch_tokens=64))
+    vecs = emb.embed(ROWS)
+    assert vecs.shape == (12, 2, 32)
+    assert emb.forward_calls > 1  # the small token budget forced several length-sorted batches
+    for i in (0, 7, 11):
+        np.testing.assert_allclose(vecs[i, 0], _reference(tiny_lm, ROWS[i], 1), atol=1e-4)
+        np.testing.assert_allclose(vecs[i, 1], _reference(tiny_lm, ROWS[i], 3), atol=1e-4)
+
+
+def test_batching_does_not_change_vectors(tiny_lm):
+    big = Embedder(tiny_lm, EmbedConfig(layers=(2,), batch_tokens=100000)).embed(ROWS)
+    single = np.stack([Embedder(tiny_lm, EmbedConfig(layers=(2,))).embed([r])[0] for r in ROWS])
+    np.testing.assert_allclose(big, single, atol=1e-4)
+
+
+def test_prompt_end_is_the_assistant_header(tiny_lm):
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(2,), token="prompt-end"))
+    row = ROWS[3]
+    [t] = emb.tokenize([row], [0])
+    text, head = format_row(tiny_lm.tokenizer, row)
+    head_ids = tiny_lm.tokenizer(text[:head], add_special_tokens=False)["input_ids"]
+    assert t.position == len(head_ids) - 1 < len(t.ids) - 1
+    np.testing.assert_allclose(emb.embed([row])[0, 0], _reference(tiny_lm, row, 2, t.position), atol=1e-4)
+    # the response does not influence the prompt-end vector (causal attention)
+    other = Row(messages=(row.messages[0], ("assistant", "something else entirely")))
+    np.testing.assert_allclose(emb.embed([other])[0, 0], emb.embed([row])[0, 0], atol=1e-5)
+
+
+def test_overlong_rows(tiny_lm):
+    long_row = [Row(messages=(("user", "word " * 300), ("assistant", "ok")))]
+    with pytest.raises(SaftError, match=r"row 0: \d+ tokens, over --max-tokens 64"):
+        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64)).tokenize(long_row, [0])
+    [t] = Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="truncate")).tokenize(long_row, [0])
+    assert len(t.ids) == 64 and t.position == 63
+    with pytest.raises(SaftError, match="prompt alone is over"):
+        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="truncate", token="prompt-end")).tokenize(long_row, [0])
+
+
+def test_bad_layer(tiny_lm):
+    with pytest.raises(SaftError, match="layers 1..4"):
+        Embedder(tiny_lm, EmbedConfig(layers=(5,)))
+
+
+def test_mean_pooling_and_plain_text(tiny_lm):
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(4,), token="mean"))
+    v = emb.embed([Row(text="just some text"), ROWS[0]])
+    assert v.shape == (2, 1, 32) and np.isfinite(v).all()
+    with pytest.raises(SaftError, match="prompt-end needs"):
+        Embedder(tiny_lm, EmbedConfig(layers=(1,), token="prompt-end")).tokenize([Row(text="x")], [0])
