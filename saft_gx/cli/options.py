@@ -11,7 +11,7 @@ from ..pipeline import ColumnOptions, EmbedOptions
 from ..threshold import ThresholdRule, rule_from_options
 
 
-def _stack(*decorators: Callable) -> Callable:
+def stack_options(*decorators: Callable) -> Callable:
     def apply(f: Callable) -> Callable:
         for d in reversed(decorators):
             f = d(f)
@@ -20,14 +20,14 @@ def _stack(*decorators: Callable) -> Callable:
     return apply
 
 
-column_options = _stack(
+column_options = stack_options(
     click.option("--prompt-column", help="Column holding the user's request (auto: prompt/instruction/question)."),
     click.option("--response-column", help="Column holding the answer (auto: response/output/answer/completion)."),
     click.option("--text-column", help="Score one plain-text column instead (auto: text)."),
     click.option("--messages-column", help="Column holding a list of {role, content} messages (auto: messages)."),
 )
 
-embed_options = _stack(
+embed_options = stack_options(
     click.option("--model", help="Local HF folder, .gguf file, or cached hub id. Default: the embedded SmolLM2-135M-Instruct."),
     click.option("--layer", type=int, help="Decoder layer whose output is read (1-based). Default: the measured best."),
     click.option("--token", type=click.Choice(TOKEN_POSITIONS), help="Which token's hidden state: last, prompt-end or mean. Default: last."),
@@ -42,7 +42,7 @@ embed_options = _stack(
                  help="Embedding cache folder (default ~/.cache/saft_gx, or $SAFT_GX_CACHE)."),
 )
 
-threshold_options = _stack(
+threshold_options = stack_options(
     click.option("--threshold", type=float, help="Flag rows with harm_score > this value."),
     click.option("--remove-fraction", type=float, help="Flag the top fraction of rows, e.g. 0.2."),
     click.option("--contamination", type=float, help="Expected fraction of harmful rows; flags that top fraction."),

@@ -13,19 +13,13 @@ from ..errors import SaftError
 from ..readers import open_dataset
 from ..subspace import WEIGHTINGS, Detector
 from ..threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
-from .options import Progress, column_opts, column_options, embed_options, embed_opts, threshold_options, threshold_rule
+from .options import Progress, stack_options, column_opts, column_options, embed_options, embed_opts, threshold_options, threshold_rule
 
-fit_options = [
+fit_options = stack_options(
     click.option("--k", "k", type=int, default=pipeline.DEFAULT_K, show_default=True, help="Number of top singular directions."),
     click.option("--weighting", type=click.Choice(WEIGHTINGS), default="none", show_default=True,
                  help="Weight the squared projections equally, or by singular value."),
-]
-
-
-def _apply(decorators, f):
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+)
 
 
 @click.command()
@@ -34,6 +28,7 @@ def _apply(decorators, f):
 @column_options
 @embed_options
 @threshold_options
+@fit_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(dataset: str, output: str, quiet: bool, k: int, weighting: str, **kw) -> None:
     """Fit a SAFT detector on DATASET and save it, for scoring other files with --detector."""
@@ -57,8 +52,6 @@ def fit(dataset: str, output: str, quiet: bool, k: int, weighting: str, **kw) ->
     click.echo(f"detector {det.detector_id} written to {output}")
 
 
-fit = _apply(fit_options, fit)
-
 
 @click.command()
 @click.argument("dataset", type=click.Path(dir_okay=False))
@@ -72,6 +65,7 @@ fit = _apply(fit_options, fit)
 @column_options
 @embed_options
 @threshold_options
+@fit_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str | None, out: str | None,
           save_detector: str | None, quiet: bool, k: int, weighting: str, **kw) -> None:
@@ -129,7 +123,5 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     if save_detector:
         click.echo(f"detector written to {save_detector}")
 
-
-score = _apply(fit_options, score)
 
 COMMANDS = [fit, score]
