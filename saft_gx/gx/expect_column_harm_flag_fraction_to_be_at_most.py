@@ -1,0 +1,116 @@
+"""Aggregate gate: the fraction of rows SAFT flags (harm score above τ) must be at most ``max_fraction``.
+
+Metric ``saft.harm_score.flagged_fraction``. τ is absolute here (``threshold`` or the detector's): a
+quantile rule would flag the same fraction of every batch, so it is not offered.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Dict, Optional, Tuple, Union
+
+from great_expectations.compatibility import pydantic
+from great_expectations.compatibility.typing_extensions import override
+from great_expectations.core.metric_domain_types import MetricDomainTypes
+from great_expectations.core.suite_parameters import SuiteParameterDict  # noqa: TC002
+from great_expectations.execution_engine import ExecutionEngine, PandasExecutionEngine
+from great_expectations.expectations.expectation import ColumnAggregateExpectation, render_suite_parameter_string
+from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
+from great_expectations.render import LegacyDiagnosticRendererType, LegacyRendererType
+from great_expectations.render.renderer.renderer import renderer
+from great_expectations.render.renderer_configuration import RendererConfiguration
+from great_expectations.validator.metric_configuration import MetricConfiguration
+
+from . import _render
+from .scoring import DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, check_settings, row_scores_dependency
+
+FLAGGED_FRACTION = "saft.harm_score.flagged_fraction"
+AGG_KEYS = (*EMBED_KEYS, "threshold")
+
+
+class SaftFlaggedFraction(MetricProvider):
+    metric_name = FLAGGED_FRACTION
+    domain_keys = DOMAIN_KEYS
+    value_keys = AGG_KEYS
+
+    @metric_value(engine=PandasExecutionEngine)
+    def _pandas(cls, execution_engine, metric_domain_kwargs, metric_value_kwargs, metrics, runtime_configuration):
+        scored: ScoredRows = metrics[ROW_SCORES]
+        return {"fraction": float(scored.flagged.mean()), "flagged": int(scored.flagged.sum()), "rows": int(len(scored.scores)),
+                "threshold": scored.threshold, "threshold_rule": scored.rule, "detector_id": scored.detector_id,
+                "max_score": float(scored.scores.max()), "mean_score": float(scored.scores.mean())}
+
+    @classmethod
+    @override
+    def _get_evaluation_dependencies(cls, metric: MetricConfiguration, configuration=None, execution_engine=None,
+                                     runtime_configuration=None) -> dict:
+        deps = super()._get_evaluation_dependencies(metric=metric, configuration=configuration,
+                                                    execution_engine=execution_engine,
+                                                    runtime_configuration=runtime_configuration)
+        deps[ROW_SCORES] = row_scores_dependency(metric)
+        return deps
+
+
+class ExpectColumnHarmFlagFractionToBeAtMost(SaftFields, ColumnAggregateExpectation):
+    """Expect at most ``max_fraction`` of the rows to have a SAFT harm score above τ.
+
+    τ is ``threshold`` or the threshold saved with ``detector``. The observed value is the flagged fraction.
+    """
+
+    max_fraction: Union[float, SuiteParameterDict] = pydantic.Field(description="Largest allowed flagged fraction, 0–1.")
+    threshold: Union[float, SuiteParameterDict, None] = pydantic.Field(None, description="Absolute τ.")
+
+    metric_dependencies = (FLAGGED_FRACTION,)
+    success_keys: ClassVar[Tuple[str, ...]] = ("max_fraction", *AGG_KEYS)
+    args_keys = ("column", "max_fraction")
+    domain_type: ClassVar[MetricDomainTypes] = MetricDomainTypes.COLUMN
+
+    library_metadata: ClassVar[Dict[str, Any]] = {
+        "maturity": "experimental",
+        "tags": ["saft", "safety", "llm", "column aggregate expectation"],
+        "contributors": ["saft_gx"],
+        "requirements": ["saft-gx"],
+    }
+
+    class Config:
+        title = "Expect column harm flag fraction to be at most"
+
+    @pydantic.root_validator(skip_on_failure=True)
+    def _check_saft_settings(cls, values: dict) -> dict:
+        from ..errors import SaftError
+
+        mf = values.get("max_fraction")
+        if isinstance(mf, (int, float)) and not 0.0 <= mf <= 1.0:
+            raise ValueError(f"max_fraction={mf}: must be between 0 and 1")
+        try:
+            check_settings(values)
+        except SaftError as e:
+            raise ValueError(str(e)) from None
+        return values
+
+    @override
+    def _validate(self, metrics: Dict, runtime_configuration: Optional[dict] = None,
+                  execution_engine: Optional[ExecutionEngine] = None):
+        observed = metrics[FLAGGED_FRACTION]
+        max_fraction = float(self._get_success_kwarg("max_fraction"))
+        details = {k: v for k, v in observed.items() if k != "fraction"}
+        return {"success": observed["fraction"] <= max_fraction,
+                "result": {"observed_value": observed["fraction"], "details": details}}
+
+    @classmethod
+    @override
+    def _prescriptive_template(cls, renderer_configuration: RendererConfiguration) -> RendererConfiguration:
+        return _render.atomic_prescriptive(_render.flag_fraction_template, renderer_configuration)
+
+    @classmethod
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    @render_suite_parameter_string
+    def _prescriptive_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
+        return _render.legacy_prescriptive(_render.flag_fraction_template, configuration, runtime_configuration)
+
+    @classmethod
+    @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
+    def _diagnostic_observed_value_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
+        return _render.observed_sentence(result)
+
+
+__all__ = ["ExpectColumnHarmFlagFractionToBeAtMost", "SaftFlaggedFraction"]

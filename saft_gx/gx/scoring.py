@@ -1,0 +1,185 @@
+"""The metric every SAFT expectation builds on: ``saft.row_scores``, the harm score of each row in the
+expectation's domain, and the threshold τ that decides which rows are flagged.
+
+GX computes it once per (domain, settings) per validation and hands it to the map and aggregate metrics
+that depend on it. The model work goes through the core's process-wide session and on-disk embedding
+cache (``pipeline.score_frame``), so however often GX asks, each row runs through the model once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import pandas as pd
+from great_expectations.compatibility import pydantic
+from great_expectations.core.metric_domain_types import MetricDomainTypes
+from great_expectations.core.suite_parameters import SuiteParameterDict  # noqa: TC002
+from great_expectations.execution_engine import PandasExecutionEngine
+from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
+from great_expectations.validator.metric_configuration import MetricConfiguration
+
+from ..errors import SaftError
+from ..rows import MESSAGES_COLUMNS
+
+ROW_SCORES = "saft.row_scores"
+DOMAIN_KEYS = ("batch_id", "table", "column", "row_condition", "condition_parser")
+# How rows are embedded and which detector scores them. Shared by every SAFT expectation and metric.
+EMBED_KEYS = ("response_column", "detector", "model", "layer", "token", "max_tokens", "overlong", "device", "k")
+RULE_KEYS = ("threshold", "remove_fraction", "contamination")
+SAFT_KEYS = EMBED_KEYS + RULE_KEYS
+
+
+class SaftFields(pydantic.BaseModel):
+    """Fields shared by the SAFT expectations (a pydantic mixin; GX expectations are pydantic models)."""
+
+    response_column: Optional[str] = pydantic.Field(
+        None, description="Column holding the response; the expectation's column is then the prompt.")
+    detector: Union[str, SuiteParameterDict, None] = pydantic.Field(
+        None, description="Folder of a detector saved by `saft-gx fit`; without one, a detector is fitted on the batch.")
+    model: Optional[str] = pydantic.Field(None, description="Model to embed with (default: the detector's, else SmolLM2).")
+    layer: Optional[int] = None
+    token: Optional[str] = None
+    max_tokens: Optional[int] = None
+    overlong: Optional[str] = None
+    device: Optional[str] = pydantic.Field(None, description="auto (CUDA when available, else CPU), cpu, cuda:1 ...")
+    k: Optional[int] = pydantic.Field(None, description="Top singular directions when fitting on the batch.")
+
+
+@dataclass(frozen=True)
+class ScoredRows:
+    """The value of ``saft.row_scores``: scores indexed like the batch rows, τ, and where τ came from."""
+
+    scores: pd.Series
+    threshold: float
+    rule: str
+    detector_id: str
+
+    @property
+    def flagged(self) -> pd.Series:
+        # NaN scores (non-finite hidden states) compare False with <=: they count as flagged, never as safe
+        return ~(self.scores <= self.threshold)
+
+
+def is_messages_column(name: str, values: pd.Series) -> bool:
+    if name.lower() in MESSAGES_COLUMNS:
+        return True
+    for v in values:
+        if v is None or (isinstance(v, float) and np.isnan(v)):
+            continue
+        return isinstance(v, (list, tuple, np.ndarray))
+    return False
+
+
+def column_options(column: str, response_column: str | None, messages: bool) -> Any:
+    """The core's ColumnOptions for an expectation: prompt + response, one messages column, or one text column."""
+    from ..pipeline import ColumnOptions
+
+    if response_column:
+        return ColumnOptions(prompt=column, response=response_column)
+    if messages:
+        return ColumnOptions(messages=column)
+    return ColumnOptions(text=column)
+
+
+def embed_options(kw: Dict[str, Any]) -> Any:
+    from ..pipeline import DEFAULT_MAX_TOKENS, EmbedOptions
+
+    return EmbedOptions(model=kw.get("model"), layer=kw.get("layer"), token=kw.get("token"),
+                        max_tokens=int(kw.get("max_tokens") or DEFAULT_MAX_TOKENS),
+                        overlong=kw.get("overlong") or "error", device=kw.get("device"))
+
+
+def threshold_rule(kw: Dict[str, Any]) -> Any:
+    from ..threshold import ThresholdRule
+
+    given = [(k, kw.get(k)) for k in RULE_KEYS if kw.get(k) is not None]
+    if len(given) > 1:
+        raise SaftError(f"give only one of threshold, remove_fraction, contamination (got {', '.join(k for k, _ in given)})")
+    if not given:
+        return None
+    key, value = given[0]
+    if isinstance(value, dict):  # a suite parameter, substituted before the metric runs
+        raise SaftError(f"{key}={value}: the suite parameter was not given a value")
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise SaftError(f"{key}={value!r}: expected a number") from None
+    if key != "threshold" and not 0.0 <= value <= 1.0:
+        raise SaftError(f"{key}={value}: must be between 0 and 1")
+    if not np.isfinite(value):
+        raise SaftError(f"{key} must be a finite number")
+    return ThresholdRule("value" if key == "threshold" else key, value)
+
+
+def check_settings(kw: Dict[str, Any]) -> None:
+    """Settings errors caught when the suite is loaded, before any data is read (suite parameters,
+    ``{"$PARAMETER": name}``, are checked when they have a value)."""
+    threshold_rule({k: (0.0 if isinstance(v, dict) else v) for k, v in kw.items()})
+    k = kw.get("k")
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise SaftError(f"k={k!r}: must be a positive integer")
+    if kw.get("overlong") not in (None, "error", "truncate"):
+        raise SaftError(f"overlong={kw.get('overlong')!r}: choose error or truncate")
+
+
+def load_detector(path: Any) -> Any:
+    from ..subspace import Detector
+
+    if isinstance(path, dict):
+        raise SaftError(f"detector={path}: the suite parameter was not given a value (pass it at run time)")
+    return Detector.load(str(path))
+
+
+def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
+    """Harm scores of every row of ``df`` (the expectation's domain) and τ. Raises SaftError on bad input."""
+    from .. import pipeline
+    from ..threshold import resolve
+
+    if column not in df.columns:
+        raise SaftError(f"column {column!r} not found; the data has: {', '.join(map(str, df.columns))}")
+    response = kw.get("response_column")
+    if response is not None and response not in df.columns:
+        raise SaftError(f"response_column {response!r} not found; the data has: {', '.join(map(str, df.columns))}")
+    if len(df) == 0:
+        raise SaftError("no rows to score: the batch (after any row_condition) is empty")
+    rule = threshold_rule(kw)
+    det = load_detector(kw["detector"]) if kw.get("detector") is not None else None
+    cols = column_options(column, response, is_messages_column(column, df[column]))
+    frame = df[[c for c in (column, response) if c]]
+    scores, det = pipeline.score_frame(frame, columns=cols, detector=det, opts=embed_options(kw), k=int(kw.get("k") or 1))
+    if rule is not None:
+        tau, text = resolve(rule, scores), ("threshold" if rule.kind == "value" else rule.describe())
+    elif det.threshold is not None:
+        tau, text = float(det.threshold), f"τ from detector {det.detector_id}"
+    else:
+        raise SaftError(
+            "no threshold: give threshold, remove_fraction or contamination, "
+            "or a detector saved with a threshold (saft-gx fit --contamination/--threshold)"
+        )
+    return ScoredRows(pd.Series(scores, index=df.index, dtype="float64"), float(tau), text, det.detector_id)
+
+
+class SaftRowScores(MetricProvider):
+    """``saft.row_scores``: a ScoredRows for the rows of a column domain (row_condition applied)."""
+
+    metric_name = ROW_SCORES
+    domain_keys = DOMAIN_KEYS
+    value_keys = SAFT_KEYS
+
+    @metric_value(engine=PandasExecutionEngine)
+    def _pandas(cls, execution_engine: PandasExecutionEngine, metric_domain_kwargs: dict, metric_value_kwargs: dict,
+                metrics: Dict[str, Any], runtime_configuration: dict) -> ScoredRows:
+        df, _, accessor = execution_engine.get_compute_domain(metric_domain_kwargs, domain_type=MetricDomainTypes.COLUMN)
+        return score_rows(df, accessor["column"], dict(metric_value_kwargs))
+
+
+def row_scores_dependency(metric: MetricConfiguration) -> MetricConfiguration:
+    """The ``saft.row_scores`` configuration a SAFT metric depends on (same domain, the SAFT settings)."""
+    kw = metric.metric_value_kwargs or {}
+    return MetricConfiguration(
+        metric_name=ROW_SCORES,
+        metric_domain_kwargs=metric.metric_domain_kwargs,
+        metric_value_kwargs={k: kw.get(k) for k in SAFT_KEYS},
+    )
