@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from saft_gx import pipeline
 from saft_gx.cli import cli
 
 SAFT_COLUMNS = ["row_id", "text_sha256", "harm_score", "harm_flag", "detector_id"]
@@ -62,8 +63,6 @@ def test_rescore_replaces_rows_and_hits_cache(run, toy_parquet, tmp_path):
 
 
 def test_cache_hit_means_zero_model_calls(tiny_model_dir, toy_parquet, tmp_path):
-    from saft_gx import pipeline
-
     opts = pipeline.EmbedOptions(model=str(tiny_model_dir))
     s1 = pipeline.Session(opts)
     pipeline.score_file(toy_parquet, tmp_path / "a.parquet", opts=opts, columns=pipeline.ColumnOptions(), session=s1)
@@ -79,7 +78,8 @@ def test_fit_then_score_other_file_with_detector(run, toy_parquet, tmp_path):
     r = run("fit", str(toy_parquet), "-o", str(det), "--k", "2", "--contamination", "0.2")
     assert r.exit_code == 0, r.output
     meta = json.loads((det / "detector.json").read_text())
-    assert meta["k"] == 2 and meta["n"] == 12 and meta["threshold"] is not None and meta["layer"] == 2
+    assert meta["k"] == 2 and meta["n"] == 12 and meta["threshold"] is not None
+    assert meta["layer"] == pipeline.default_layer(4)
     other = tmp_path / "other.parquet"
     pd.read_parquet(toy_parquet).iloc[:5].to_parquet(other)
     out = tmp_path / "o.parquet"

@@ -21,7 +21,6 @@ from saft_gx.embed import EmbedConfig, Embedder
 from saft_gx.metrics import auroc
 from saft_gx.models import load_model
 from saft_gx.rows import Row
-from saft_gx.subspace import Detector, MomentStats
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data_src"
@@ -47,9 +46,26 @@ def mixtures(labels: np.ndarray, lam: float, draws: int, seed: int = 0) -> list[
     return [np.r_[benign, rng.choice(harmful, m, replace=False)] for _ in range(draws)]
 
 
-def unsupervised_auroc(x: np.ndarray, labels: np.ndarray, idx: np.ndarray, k: int, weighting: str = "none") -> float:
-    det = Detector.fit(MomentStats(x.shape[1]).update(x[idx]), k=k, weighting=weighting)
-    return auroc(det.score(x[idx]), labels[idx])
+def unsupervised_aurocs(x: np.ndarray, labels: np.ndarray, idx: np.ndarray, ks: list[int]) -> dict[int, float]:
+    """AUROC of unsupervised SAFT for several k from one SVD of the centred mixture (the same subspace
+    Detector.fit finds from streamed statistics; tests/test_subspace.py checks the equivalence)."""
+    z = x[idx] - x[idx].mean(axis=0)
+    _, _, vt = np.linalg.svd(z.astype(np.float64), full_matrices=False)
+    proj2 = (z @ vt[: max(ks)].T) ** 2
+    return {k: auroc(proj2[:, :k].mean(axis=1), labels[idx]) for k in ks}
+
+
+def embed_all_layers(lm, rows: list[Row], token: str, cache: Path | None) -> np.ndarray:
+    """(n, layers, d) at the cache's float16 precision; reuses an .npz from an earlier run."""
+    path = cache / f"{token}.npy" if cache else None
+    if path is not None and path.exists():
+        return np.load(path, allow_pickle=False)
+    emb = Embedder(lm, EmbedConfig(layers=tuple(range(1, lm.num_layers + 1)), token=token, max_tokens=2048))
+    x = emb.embed(rows).astype(np.float16)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, x)
+    return x
 
 
 def main() -> None:
@@ -59,6 +75,7 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,4,8")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--emb-cache", default=None, help="folder to keep the embeddings in between runs")
     args = ap.parse_args()
 
     lm = load_model(args.model)
@@ -80,15 +97,14 @@ def main() -> None:
     layers = tuple(range(1, lm.num_layers + 1))
     for token in args.tokens.split(","):
         t0 = time.perf_counter()
-        emb = Embedder(lm, EmbedConfig(layers=layers, token=token, max_tokens=2048))
-        x_all = emb.embed(rows).astype(np.float16).astype(np.float32)  # the cache's precision
+        cache = Path(args.emb_cache) if args.emb_cache else None
+        x_all = embed_all_layers(lm, rows, token, cache).astype(np.float32)
         print(f"[{token}] embedded {len(rows)} rows x {len(layers)} layers in {time.perf_counter() - t0:.0f} s")
         for li, layer in enumerate(layers):
             x = x_all[:, li, :]
+            per = {lam: [unsupervised_aurocs(x, labels, i, ks) for i in mixtures(labels, lam, args.draws)] for lam in lams}
             for k in ks:
-                per_lam = {str(lam): float(np.mean([unsupervised_auroc(x, labels, i, k) for i in mixtures(labels, lam, args.draws)]))
-                           for lam in lams}
-                results["sweep"][f"{token}|{layer}|{k}"] = per_lam
+                results["sweep"][f"{token}|{layer}|{k}"] = {str(lam): float(np.mean([d[k] for d in per[lam]])) for lam in lams}
         best = sorted(((np.mean(list(v.values())), key) for key, v in results["sweep"].items() if key.startswith(token + "|")), reverse=True)[:5]
         for score, key in best:
             print(f"  {key}: mean AUROC {score:.3f}  {results['sweep'][key]}")
