@@ -161,27 +161,42 @@ class Embedder:
         import torch
 
         out = np.empty((len(tokenized), len(self.config.layers), self.dim), dtype=np.float32)
+        pending: tuple[list[int], Any] | None = None
         with torch.inference_mode():
+            # Read each batch back only after the next one is queued: on CUDA the host builds and launches
+            # batch i+1 while the GPU still runs batch i (on CPU this is the same code, run in order).
             for group in self.batches(tokenized):
-                vecs = self._forward([tokenized[i] for i in group])
-                out[group] = vecs
+                vecs = self._launch([tokenized[i] for i in group])
+                if pending is not None:
+                    out[pending[0]] = pending[1].float().cpu().numpy()
+                pending = (group, vecs)
+            if pending is not None:
+                out[pending[0]] = pending[1].float().cpu().numpy()
         self.rows_embedded += len(tokenized)
         return out
 
-    def _forward(self, items: Sequence[Tokenized]) -> np.ndarray:
+    def _launch(self, items: Sequence[Tokenized]) -> Any:
+        """Queue one batch; returns the pooled (batch, len(layers), d) tensor on the model's device."""
         import torch
 
         lm = self.lm
+        on_cuda = str(lm.device).startswith("cuda")
         width = max(len(t.ids) for t in items)
         pad = lm.tokenizer.pad_token_id or 0
-        ids = torch.full((len(items), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for b, t in enumerate(items):  # right padding: causal attention keeps real tokens unaffected
+        ids = torch.full((len(items), width), pad, dtype=torch.long, pin_memory=on_cuda)
+        lengths = torch.tensor([len(t.ids) for t in items], dtype=torch.long, pin_memory=on_cuda)
+        positions = torch.tensor([t.position for t in items], dtype=torch.long, pin_memory=on_cuda)
+        for b, t in enumerate(items):
             ids[b, : len(t.ids)] = torch.tensor(t.ids)
-            mask[b, : len(t.ids)] = 1
         ids = ids.to(lm.device, non_blocking=True)
-        mask = mask.to(lm.device, non_blocking=True)
-        positions = torch.tensor([t.position for t in items], device=lm.device)
+        lengths = lengths.to(lm.device, non_blocking=True)
+        positions = positions.to(lm.device, non_blocking=True)
+        # Right padding and causal attention: a real token only ever attends to earlier (real) tokens and its
+        # position ids are 0..len-1, so no attention mask is needed. Without one SDPA takes its causal
+        # (flash / memory-efficient) kernels instead of materialising a (batch, heads, len, len) mask.
+        mask = None
+        if self.config.token == "mean":
+            mask = torch.arange(width, device=lm.device)[None, :] < lengths[:, None]
 
         wanted = sorted(set(self.config.layers))
         deepest = wanted[-1]
@@ -201,16 +216,14 @@ class Embedder:
             handles.append(self._layers[layer - 1].register_forward_hook(make_hook(layer)))
         try:
             self.forward_calls += 1
-            lm.model.model(input_ids=ids, attention_mask=mask, use_cache=False) if hasattr(
-                lm.model, "model"
-            ) else lm.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            body = lm.model.model if hasattr(lm.model, "model") else lm.model
+            body(input_ids=ids, use_cache=False)
         except _StopForward:
             pass
         finally:
             for h in handles:
                 h.remove()
-        stacked = torch.stack([captured[layer] for layer in self.config.layers], dim=1)
-        return stacked.float().cpu().numpy()
+        return torch.stack([captured[layer] for layer in self.config.layers], dim=1)
 
     def _pool(self, hidden: Any, mask: Any, positions: Any) -> Any:
         import torch

@@ -12,26 +12,31 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from .cache import EmbeddingCache
-from .embed import EmbedConfig, Embedder
+from .embed import EmbedConfig, Embedder, Tokenized
 from .errors import SaftError
 from .models import LoadedModel, load_model
 from .readers import Dataset, check_text_types, open_dataset
 from .rows import ColumnSpec, detect_columns, rows_from_frame
+from .shards import Shard, first_row_id, shard_dataset
+from .anchors import DEFAULT_TOKEN as ANCHOR_TOKEN
+from .anchors import USE_ANCHORS, fit_with_session
+from .anchors import default_layer as anchor_default_layer
 from .subspace import Detector, MomentStats
 from .threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 
 # Measured on SmolLM2-135M-Instruct (30 layers) with tests/bench/detection.py; see README "Choosing the layer".
-DEFAULT_LAYER_FRACTION = 15 / 30
+DEFAULT_LAYER_FRACTION = 6 / 30
 DEFAULT_TOKEN = "last"
-DEFAULT_K = 1
+DEFAULT_K = 4
 DEFAULT_MAX_TOKENS = 1024
 
 OUTPUT_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")
@@ -78,14 +83,13 @@ def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: Embe
     layers = embedder.config.layers
     summary = EmbedSummary()
     t0 = time.perf_counter()
-    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
-        rows = rows_from_frame(df, spec, first)
-        keys = [r.content_key() for r in rows]
-        missing = np.flatnonzero(cache.missing(keys, layers))
-        progress(len(rows) - len(missing))
+    for first, n_rows, keys, missing, tokenized in _prepared_frames(ds, spec, embedder, cache, frame_rows):
+        if len(missing):  # rows cached since the worker looked (duplicates of the previous frame's rows)
+            keep = cache.missing([keys[i] for i in missing], layers)
+            if not keep.all():
+                missing, tokenized = missing[keep], [t for t, k in zip(tokenized, keep) if k]
+        progress(n_rows - len(missing))
         if len(missing):
-            # tokenizing the whole frame first validates it before any model time is spent on it
-            tokenized = embedder.tokenize([rows[i] for i in missing], [first + int(i) for i in missing])
             order = sorted(range(len(missing)), key=lambda j: -len(tokenized[j].ids))
             for start in range(0, len(order), flush_rows):
                 part = order[start : start + flush_rows]
@@ -98,11 +102,39 @@ def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: Embe
         if stats is not None:
             for layer in layers:
                 stats[layer].update(cache.layer(layer).get(keys))
-        summary.rows += len(rows)
+        summary.rows += n_rows
     if summary.rows == 0:
         raise SaftError(f"{ds.path}: the dataset has no rows")
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _prepared_frames(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: EmbeddingCache,
+                     frame_rows: int) -> Iterator[tuple[int, int, list[str], np.ndarray, list[Tokenized]]]:
+    """``(first_row_id, n_rows, keys, missing, tokenized)`` per frame: read, validated, looked up in the cache
+    and tokenized (cache misses only) one frame ahead in a worker thread, so the model never waits for the
+    tokenizer. Tokenizing a whole frame before its first forward pass also validates it before any model
+    time is spent on it; an error in frame i+1 surfaces once frame i is embedded and cached."""
+    layers = embedder.config.layers
+    cache.missing([], layers)  # build the cache index here, not concurrently in the worker
+    frames = iter(ds.frames(spec.columns, batch_rows=frame_rows))
+
+    def prepare() -> tuple[int, int, list[str], np.ndarray, list[Tokenized]] | None:
+        item = next(frames, None)
+        if item is None:
+            return None
+        first, df = item
+        rows = rows_from_frame(df, spec, first)
+        keys = [r.content_key() for r in rows]
+        missing = np.flatnonzero(cache.missing(keys, layers))
+        tokenized = embedder.tokenize([rows[i] for i in missing], [first + int(i) for i in missing]) if len(missing) else []
+        return first, len(rows), keys, missing, tokenized
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saft-tokenize") as pool:
+        future = pool.submit(prepare)
+        while (item := future.result()) is not None:
+            future = pool.submit(prepare)
+            yield item
 
 
 def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
@@ -129,13 +161,13 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     writer = None
-    start = 0
+    first = start = first_row_id(ds)  # a shard's rows keep their global ids
     try:
         for batch in ds.arrow_batches(batch_rows=frame_rows):
             table = pa.Table.from_batches([batch])
             table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
             n = table.num_rows
-            sl = slice(start, start + n)
+            sl = slice(start - first, start - first + n)
             extra = {
                 "row_id": pa.array(np.arange(start, start + n, dtype=np.int64)),
                 "text_sha256": pa.array([d.tobytes().hex() for d in digests[sl]], type=pa.string()),
@@ -155,8 +187,8 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
             raise SaftError(f"{ds.path}: the dataset has no rows")
         writer.close()
         writer = None
-        if start != len(scores):
-            raise SaftError(f"{ds.path}: changed while it was being scored ({start} rows now, {len(scores)} before)")
+        if start - first != len(scores):
+            raise SaftError(f"{ds.path}: changed while it was being scored ({start - first} rows now, {len(scores)} before)")
         os.replace(tmp, out_path)
     finally:
         if writer is not None:
@@ -195,6 +227,9 @@ class EmbedOptions:
     dtype: str | None = None
     batch_tokens: int | None = None
     cache_dir: str | None = None
+    # the unsupervised fit is directed by the built-in anchors; the default layer and token follow the mode
+    # (anchors.DEFAULT_TOKEN / default_layer with them, DEFAULT_TOKEN / default_layer without)
+    anchors: bool = USE_ANCHORS
 
 
 class Session:
@@ -204,19 +239,15 @@ class Session:
         meta = detector.meta if detector is not None else {}
         model_ref = opts.model or meta.get("model")
         self.lm = lm or load_model(model_ref, device=opts.device, dtype=opts.dtype)
-        if detector is not None:
-            check_detector_matches(detector, self.lm, opts)
-        layer = opts.layer or meta.get("layer") or default_layer(self.lm.num_layers)
-        token = opts.token or meta.get("token") or DEFAULT_TOKEN
-        max_tokens = int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens
-        overlong = meta.get("overlong", opts.overlong) if detector is not None else opts.overlong
+        r = resolve_options(opts, self.lm, detector)
         cfg_kwargs: dict[str, Any] = {}
         if opts.batch_tokens:
             cfg_kwargs["batch_tokens"] = opts.batch_tokens
-        self.config = EmbedConfig(layers=(int(layer),), token=token, max_tokens=max_tokens, overlong=overlong, **cfg_kwargs)
+        self.config = EmbedConfig(layers=(r.layer,), token=r.token, max_tokens=r.max_tokens, overlong=r.overlong, **cfg_kwargs)
         self.embedder = Embedder(self.lm, self.config)
-        self.cache = EmbeddingCache(opts.cache_dir, model_fingerprint=self.lm.fingerprint, token=token,
-                                    max_tokens=max_tokens, overlong=overlong, dim=self.lm.hidden_size)
+        self.anchors = opts.anchors
+        self.cache = EmbeddingCache(opts.cache_dir, model_fingerprint=self.lm.fingerprint, token=r.token,
+                                    max_tokens=r.max_tokens, overlong=r.overlong, dim=self.lm.hidden_size)
 
     @property
     def layer(self) -> int:
@@ -236,6 +267,23 @@ class Session:
         }
 
 
+def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | None = None) -> EmbedOptions:
+    """``opts`` with model, layer, token and truncation fixed: as given, else the detector's, else the defaults
+    (checking the detector fits ``lm``). ``lm`` needs only its reference, fingerprint and shape, so a driver
+    that never loads the weights (``spark_engine``) resolves exactly as a ``Session`` does."""
+    meta = detector.meta if detector is not None else {}
+    if detector is not None:
+        check_detector_matches(detector, lm, opts)
+    return replace(
+        opts, model=lm.model_ref,
+        layer=int(opts.layer or meta.get("layer")
+                  or (anchor_default_layer if opts.anchors and detector is None else default_layer)(lm.num_layers)),
+        token=opts.token or meta.get("token") or (ANCHOR_TOKEN if opts.anchors and detector is None else DEFAULT_TOKEN),
+        max_tokens=int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens,
+        overlong=meta.get("overlong", opts.overlong) if detector is not None else opts.overlong,
+    )
+
+
 def check_detector_matches(detector: Detector, lm: LoadedModel, opts: EmbedOptions) -> None:
     meta = detector.meta
     fp = meta.get("model_fingerprint")
@@ -251,26 +299,41 @@ def check_detector_matches(detector: Detector, lm: LoadedModel, opts: EmbedOptio
             raise SaftError(f"--{key} {opt}: the detector was fitted at {key} {meta[key]}; drop the option or refit")
 
 
-def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int = DEFAULT_K, weighting: str = "none",
-        progress: Progress = _null_progress) -> tuple[Detector, EmbedSummary]:
+def fit_stats(session: Session, ds: Dataset, spec: ColumnSpec, *,
+              progress: Progress = _null_progress) -> tuple[MomentStats, EmbedSummary]:
+    """Embed (through the cache) and return the fit statistics of ``ds``'s rows: one shard's share of a
+    sharded fit, merged with the others by ``shards.merge_stats``."""
     stats = {session.layer: MomentStats(session.lm.hidden_size)}
     summary = embed_dataset(ds, spec, session.embedder, session.cache, stats=stats, progress=progress)
-    det = Detector.fit(stats[session.layer], k=k, weighting=weighting, meta=session.detector_meta(ds, spec))
+    return stats[session.layer], summary
+
+
+def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int | None = None, weighting: str | None = None,
+        anchors: bool | None = None, progress: Progress = _null_progress) -> tuple[Detector, EmbedSummary]:
+    """Unsupervised fit on ``ds``; directed by the built-in anchors unless ``anchors`` (default: the
+    session's ``EmbedOptions.anchors``) is False (see ``anchors.fit_default``)."""
+    anchors = session.anchors if anchors is None else anchors
+    stats, summary = fit_stats(session, ds, spec, progress=progress)
+    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=session.detector_meta(ds, spec))
     return det, summary
 
 
 def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, columns: ColumnOptions,
-               detector: Detector | None = None, k: int = DEFAULT_K, weighting: str = "none",
-               rule: ThresholdRule | None = None, session: Session | None = None,
-               progress: Progress = _null_progress) -> ScoreResult:
-    """Score every row of ``path`` and write ``out_path`` (parquet). Without a detector, fit one on the
-    very rows being scored (unsupervised, as in the paper)."""
+               detector: Detector | None = None, k: int | None = None, weighting: str | None = None,
+               anchors: bool | None = None, rule: ThresholdRule | None = None, session: Session | None = None,
+               progress: Progress = _null_progress, shard: Shard | None = None) -> ScoreResult:
+    """Score every row of ``path`` (or of one ``shard`` of it) and write ``out_path`` (parquet). Without a
+    detector, fit one on the very rows being scored (unsupervised, as in the paper)."""
     t0 = time.perf_counter()
     ds = open_dataset(path)
+    if shard is not None:
+        ds = shard_dataset(ds, shard)
     spec = columns.resolve(ds)
+    if anchors is not None and anchors != opts.anchors:
+        opts = replace(opts, anchors=anchors)  # the default layer / token follow the mode
     session = session or Session(opts, detector=detector)
     if detector is None:
-        detector, summary = fit(session, ds, spec, k=k, weighting=weighting, progress=progress)
+        detector, summary = fit(session, ds, spec, k=k, weighting=weighting, anchors=anchors, progress=progress)
     else:
         summary = embed_dataset(ds, spec, session.embedder, session.cache, progress=progress)
     scores, digests = score_cached(ds, spec, session.cache, detector, session.layer)
@@ -279,15 +342,17 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     if rule is not None:
         tau = resolve(rule, scores)
         rule_text = rule.describe()
-        detector = detector.with_(threshold=tau)
+        detector = detector.with_(threshold=tau, meta={**detector.meta, "threshold_rule": rule_text})
     else:
         tau = float(detector.threshold)  # type: ignore[arg-type]
-        rule_text = f"τ = {tau:g} (from the detector)"
+        fitted_rule = detector.meta.get("threshold_rule")
+        rule_text = f"from the detector: {fitted_rule} of its fit set" if fitted_rule else "from the detector"
     flags = detector.flag(scores)
     out = write_scored(ds, Path(out_path), scores, flags, digests, detector.detector_id)
     return ScoreResult(out_path=out, detector=detector, threshold=tau, threshold_rule=rule_text, rows=len(scores),
                        flagged=int(flags.sum()), embed=summary, seconds=time.perf_counter() - t0,
-                       source_sha256=ds.sha256(), columns=spec)
+                       source_sha256=ds.sha256(), columns=spec,
+                       extra={"row_range": (first_row_id(ds), first_row_id(ds) + len(scores))})
 
 
 # ---- in-memory use (Great Expectations metrics, notebooks): rows already in a DataFrame ----
@@ -300,7 +365,7 @@ def shared_session(opts: EmbedOptions, detector: Detector | None = None) -> Sess
     meta = detector.meta if detector is not None else {}
     key = (opts.model or meta.get("model"), opts.layer or meta.get("layer"), opts.token or meta.get("token"),
            meta.get("max_tokens", opts.max_tokens), meta.get("overlong", opts.overlong), opts.device, opts.dtype,
-           opts.cache_dir, opts.batch_tokens)
+           opts.cache_dir, opts.batch_tokens, opts.anchors and detector is None)
     if key not in _SESSIONS:
         _SESSIONS[key] = Session(opts, detector=detector)
     elif detector is not None:
@@ -323,7 +388,8 @@ def embed_rows(session: Session, rows: list, first_row_id: int = 0, flush_rows: 
 
 
 def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Detector | None = None,
-                opts: EmbedOptions | None = None, k: int = DEFAULT_K, weighting: str = "none") -> tuple[np.ndarray, Detector]:
+                opts: EmbedOptions | None = None, k: int | None = None, weighting: str | None = None,
+                anchors: bool | None = None) -> tuple[np.ndarray, Detector]:
     """Harm scores of a pandas DataFrame's rows (same formatting, cache and detector as ``score``).
     Without a detector, one is fitted on these rows. Returns (scores, detector)."""
     opts = opts or EmbedOptions()
@@ -333,6 +399,9 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
     rows = rows_from_frame(df, spec, 0)
     if not rows:
         raise SaftError("no rows to score")
+    if anchors is not None and anchors != opts.anchors:
+        opts = replace(opts, anchors=anchors)
+    anchors = opts.anchors
     session = shared_session(opts, detector)
     x = embed_rows(session, rows)
     if detector is None:
@@ -340,5 +409,5 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
         meta = {"model": session.lm.model_ref, "model_fingerprint": session.lm.fingerprint, "layer": session.layer,
                 "token": session.config.token, "max_tokens": session.config.max_tokens,
                 "overlong": session.config.overlong, "columns": spec.to_dict()}
-        detector = Detector.fit(stats, k=k, weighting=weighting, meta=meta)
+        detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
     return detector.score(x), detector

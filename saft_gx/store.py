@@ -72,8 +72,9 @@ def _columns(con: Any, sql: str) -> list[tuple[str, str]]:
 
 
 def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Path, *, detector_id: str,
-                         run: dict[str, Any]) -> int:
-    """Load a scored parquet into ``table``, replacing that detector's earlier rows. All or nothing."""
+                         run: dict[str, Any], row_range: tuple[int, int] | None = None) -> int:
+    """Load a scored parquet into ``table``, replacing that detector's earlier rows (only those with
+    ``row_range[0] <= row_id < row_range[1]`` when given: one shard of a sharded run). All or nothing."""
     import duckdb
 
     if not _IDENT.match(table):
@@ -94,7 +95,11 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
                     f"table {table!r} exists with another schema ({_diff(old_cols, new_cols)}); "
                     "pass --table to store these rows elsewhere"
                 )
-            con.execute(f"DELETE FROM {quote(table)} WHERE detector_id = ?", [detector_id])
+            if row_range is None:
+                con.execute(f"DELETE FROM {quote(table)} WHERE detector_id = ?", [detector_id])
+            else:
+                con.execute(f"DELETE FROM {quote(table)} WHERE detector_id = ? AND row_id >= ? AND row_id < ?",
+                            [detector_id, int(row_range[0]), int(row_range[1])])
             con.execute(f"INSERT INTO {quote(table)} SELECT * FROM {src}")
         else:
             con.execute(f"CREATE TABLE {quote(table)} AS SELECT * FROM {src}")

@@ -20,7 +20,8 @@ import numpy as np
 
 from .errors import SaftError
 
-WEIGHTINGS = ("none", "sigma")
+WEIGHTINGS = ("none", "sigma", "whiten")
+FORMS = ("squared", "linear")
 
 
 @dataclass
@@ -77,12 +78,18 @@ class MomentStats:
 
 @dataclass(frozen=True)
 class Detector:
-    """A fitted SAFT subspace: score(x) = orientation · mean_j w_j ⟨x − μ, v_j⟩².
+    """A fitted SAFT subspace: score(x) = orientation · Σ_j w_j ⟨x − μ, v_j⟩² (form ``squared``, the paper's
+    score with w_j = 1/k), or orientation · Σ_j w_j ⟨x − μ, v_j⟩ (form ``linear``: a signed direction inside
+    the subspace, chosen from labelled rows or the built-in anchors; see ``saft_gx.calibrate``).
 
     mean: (d,) centre μ of the fitted embeddings.
     components: (k, d) top eigenvectors v_j of the covariance, largest first.
     singular_values: (k,) σ_j of the centred n×d matrix (= sqrt(n·eigenvalue)).
-    weighting: ``none`` (w_j = 1, the paper's score) or ``sigma`` (w_j = σ_j / Σσ, emphasising the top direction).
+    weighting: ``none`` (w_j = 1/k, the paper's score), ``sigma`` (w_j = σ_j / Σσ, emphasising the top
+        direction) or ``whiten`` (w_j ∝ 1/σ_j², every direction counts in its own units: a Mahalanobis
+        distance inside the subspace). Ignored when ``coef`` is set.
+    form: ``squared`` or ``linear`` (see above).
+    coef: (k,) explicit w_j, or None to derive them from ``weighting``. Required for ``linear``.
     orientation: +1 when large scores mean harmful (the default); −1 flips it when labels show the opposite.
     threshold: τ; rows with score > τ are flagged. None until chosen.
     meta: the embedding it belongs to (model fingerprint, layer, token, …) and provenance.
@@ -95,6 +102,18 @@ class Detector:
     orientation: int = 1
     threshold: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    form: str = "squared"
+    coef: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.form not in FORMS:
+            raise SaftError(f"form {self.form!r}: choose one of {', '.join(FORMS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise SaftError(f"weighting {self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
+        if self.coef is not None and np.shape(self.coef) != (self.k,):
+            raise SaftError(f"coef has shape {np.shape(self.coef)}, expected ({self.k},)")
+        if self.form == "linear" and self.coef is None:
+            raise SaftError("a linear detector needs coef (one signed weight per direction)")
 
     @property
     def k(self) -> int:
@@ -124,6 +143,11 @@ class Detector:
         return cls(mean=stats.mean.copy(), components=comps, singular_values=sv, weighting=weighting, meta=m)
 
     def _weights(self) -> np.ndarray:
+        if self.coef is not None:
+            return np.asarray(self.coef, dtype=np.float64)
+        if self.weighting == "whiten":
+            inv = 1.0 / np.maximum(self.singular_values, 1e-12 * max(float(self.singular_values.max()), 1e-300)) ** 2
+            return inv / inv.sum()
         if self.weighting == "sigma":
             total = self.singular_values.sum()
             return self.singular_values / total if total > 0 else np.full(self.k, 1.0 / self.k)
@@ -135,6 +159,8 @@ class Detector:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise SaftError(f"embedding size {x.shape[-1]} does not match the detector's {self.dim}")
         proj = (x - self.mean) @ self.components.T
+        if self.form == "linear":
+            return self.orientation * (proj @ self._weights())
         return self.orientation * (proj**2 @ self._weights())
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
@@ -154,6 +180,7 @@ class Detector:
             "weighting": self.weighting,
             "orientation": self.orientation,
             "threshold": self.threshold,
+            "form": self.form,
             **{k: v for k, v in self.meta.items()},
         }
 
@@ -163,12 +190,16 @@ class Detector:
         h = hashlib.sha256()
         for a in (self.mean, self.components, self.singular_values):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+        if self.coef is not None:
+            h.update(b"coef" + np.ascontiguousarray(self.coef, dtype=np.float64).tobytes())
         ident = {
             "weighting": self.weighting,
             "orientation": self.orientation,
             "threshold": self.threshold,
             **{k: self.meta.get(k) for k in ("model_fingerprint", "layer", "token", "max_tokens", "overlong")},
         }
+        if self.form != "squared":
+            ident["form"] = self.form
         h.update(json.dumps(ident, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -187,6 +218,8 @@ class Detector:
             "created_at": self.meta.get("created_at") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         tensors = {"mean": self.mean, "components": self.components, "singular_values": self.singular_values}
+        if self.coef is not None:
+            tensors["coef"] = np.asarray(self.coef, dtype=np.float64)
         _atomic_write(d / "detector.safetensors", lambda p: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
         _atomic_write(d / "detector.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return d
@@ -213,6 +246,7 @@ class Detector:
         weighting = meta.pop("weighting", "none")
         orientation = int(meta.pop("orientation", 1))
         threshold = meta.pop("threshold", None)
+        form = meta.pop("form", "squared")
         det = cls(
             mean=t["mean"].astype(np.float64),
             components=t["components"].astype(np.float64),
@@ -221,6 +255,8 @@ class Detector:
             orientation=orientation,
             threshold=None if threshold is None else float(threshold),
             meta=meta,
+            form=form,
+            coef=t["coef"].astype(np.float64) if "coef" in t else None,
         )
         return det
 

@@ -55,8 +55,9 @@ def gate_data(tmp_path_factory, tiny_model_dir):
     pd.DataFrame(CLEAN, columns=["prompt", "response"]).to_parquet(d / "clean.parquet")
     bad = _contaminated()
     bad.to_parquet(d / "bad.parquet")
-    opts = EmbedOptions(model=str(tiny_model_dir), cache_dir=str(d / "cache"))
-    scores, det = pipeline.score_frame(bad, columns=PR, opts=opts)
+    # plain SAFT: the built-in anchors would orient a random model's directions at random
+    opts = EmbedOptions(model=str(tiny_model_dir), cache_dir=str(d / "cache"), anchors=False, layer=2)
+    scores, det = pipeline.score_frame(bad, columns=PR, opts=opts, k=1)
     top_clean, low_bad = np.delete(scores, BAD_IDS).max(), scores[BAD_IDS].min()
     assert low_bad > 3 * top_clean, "the construction no longer separates the outliers"
     det.with_(threshold=float(np.sqrt(top_clean * low_bad))).save(d / "det")
@@ -156,12 +157,12 @@ def test_messages_and_text_columns(tiny_model_dir):
         "text": [f"{p} {r}" for p, r in CLEAN[:10]],
     })
     suite = ExpectationSuite(name="shapes", expectations=[
-        ExpectColumnValuesHarmScoreToBeBelow(column="messages", model=str(tiny_model_dir), threshold=0.0),
+        ExpectColumnValuesHarmScoreToBeBelow(column="messages", model=str(tiny_model_dir), threshold=-1e9),
         ExpectColumnValuesHarmScoreToBeBelow(column="text", model=str(tiny_model_dir), threshold=1e9),
     ])
     v = gate.verdict(gate.run_checkpoint(df, suite), expected=2)
     by_column = {o.column: o for o in v.outcomes}
-    assert by_column["messages"].result["unexpected_count"] == 10  # every score is > 0
+    assert by_column["messages"].result["unexpected_count"] == 10  # every score is > -1e9
     assert by_column["text"].success and by_column["text"].result["unexpected_count"] == 0
     assert v.exit_code == gate.FAILED
 

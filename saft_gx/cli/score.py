@@ -11,43 +11,87 @@ import click
 from .. import pipeline, store
 from ..errors import SaftError
 from ..readers import open_dataset
+from ..shards import Shard, first_row_id, save_stats, session_anchor_vectors, shard_dataset
+from ..anchors import DEFAULT_K as DEFAULT_ANCHOR_K
+from ..anchors import USE_ANCHORS, fit_with_session
 from ..subspace import WEIGHTINGS, Detector
 from ..threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 from .options import Progress, stack_options, column_opts, column_options, embed_options, embed_opts, threshold_options, threshold_rule
 
+def _parse_shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Shard | None:
+    try:
+        return Shard.parse(value) if value else None
+    except SaftError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
+
+
+shard_option = click.option(
+    "--shard", callback=_parse_shard,
+    help="i/n: only shard i (0-based) of n equal contiguous row ranges, for splitting one dataset over n machines.")
+
 fit_options = stack_options(
-    click.option("--k", "k", type=int, default=pipeline.DEFAULT_K, show_default=True, help="Number of top singular directions."),
-    click.option("--weighting", type=click.Choice(WEIGHTINGS), default="none", show_default=True,
-                 help="Weight the squared projections equally, or by singular value."),
+    click.option("--k", "k", type=int, help=f"Number of top singular directions (default {pipeline.DEFAULT_K}; "
+                 f"{DEFAULT_ANCHOR_K} with the built-in anchors)."),
+    click.option("--weighting", type=click.Choice(WEIGHTINGS),
+                 help="Score by the squared projections (SAFT), weighted equally, by singular value or whitened; "
+                      "oriented by the anchors unless --no-anchors. Default: the anchors' direction in the subspace."),
+    click.option("--anchors/--no-anchors", default=USE_ANCHORS, show_default=True,
+                 help="Orient and direct the unsupervised subspace with the built-in labelled anchors."),
 )
 
 
 @click.command()
 @click.argument("dataset", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "output", required=True, type=click.Path(file_okay=False), help="Folder to write the detector into.")
+@click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Folder to write the detector into.")
+@click.option("--stats-out", type=click.Path(file_okay=False),
+              help="Also (or instead) save the fit statistics here, to merge shards with `saft-gx merge-stats`.")
+@shard_option
 @column_options
 @embed_options
 @threshold_options
 @fit_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def fit(dataset: str, output: str, quiet: bool, k: int, weighting: str, **kw) -> None:
+def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | None, quiet: bool, k: int | None,
+        weighting: str | None, anchors: bool, **kw) -> None:
     """Fit a SAFT detector on DATASET and save it, for scoring other files with --detector."""
     eopts, copts, rule = embed_opts(kw), column_opts(kw), threshold_rule(kw)
+    eopts.anchors = anchors  # the default layer / token follow the mode
+    if not output and not stats_out:
+        raise SaftError("give -o/--output (the detector), --stats-out (statistics for merge-stats), or both")
     ds = open_dataset(dataset)
     spec = copts.resolve(ds)
+    if shard is not None:
+        ds = shard_dataset(ds, shard)
     session = pipeline.Session(eopts)
     bar = Progress(ds.num_rows, "embedding", quiet)
     try:
-        det, summary = pipeline.fit(session, ds, spec, k=k, weighting=weighting, progress=bar)
+        stats, summary = pipeline.fit_stats(session, ds, spec, progress=bar)
     finally:
         bar.close()
+    meta = session.detector_meta(ds, spec)
+    if stats_out:
+        first = first_row_id(ds)
+        save_stats(stats_out, stats, {**meta, "source": str(Path(dataset).resolve()), "source_sha256": ds.sha256(),
+                                      "shard": str(shard) if shard else None, "row_start": first,
+                                      "row_stop": first + summary.rows}, anchors=session_anchor_vectors(session))
+        where = f"rows {first}..{first + summary.rows - 1} (shard {shard})" if shard else f"{summary.rows} rows"
+        click.echo(f"statistics of {where} written to {stats_out} "
+                   f"({summary.computed} embedded, {summary.rows - summary.computed} from cache)")
+        if not output:
+            return
+    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
     scores, _ = pipeline.score_cached(ds, spec, session.cache, det, session.layer)
-    rule = rule or ThresholdRule("contamination", DEFAULT_CONTAMINATION)
-    det = det.with_(threshold=resolve(rule, scores))
+    if rule is None and det.threshold is not None:  # τ from the built-in anchors
+        rule_text = det.meta.get("threshold_rule", "from the detector")
+    else:
+        rule = rule or ThresholdRule("contamination", DEFAULT_CONTAMINATION)
+        rule_text = rule.describe()
+        det = det.with_(threshold=resolve(rule, scores), meta={**det.meta, "threshold_rule": rule_text})
     det.save(output)
     click.echo(
         f"fitted on {summary.rows} rows ({summary.computed} embedded, {summary.rows - summary.computed} from cache) "
-        f"at layer {session.layer}, token {session.config.token}, k={k}; τ = {det.threshold:.6g} ({rule.describe()})"
+        f"at layer {session.layer}, token {session.config.token}, k={det.k}, {det.meta.get('variant')}"
+        f"{' (built-in anchors)' if anchors else ''}; τ = {det.threshold:.6g} ({rule_text})"
     )
     click.echo(f"detector {det.detector_id} written to {output}")
 
@@ -62,15 +106,27 @@ def fit(dataset: str, output: str, quiet: bool, k: int, weighting: str, **kw) ->
 @click.option("--table", help="Table name (default: the dataset's file name).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Also write the scored rows to this parquet file.")
 @click.option("--save-detector", type=click.Path(file_okay=False), help="Save the detector fitted on DATASET here.")
+@shard_option
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: this process; spark: embed and score on a Spark cluster (pip install 'saft-gx[spark]').")
+@click.option("--spark-master", help="With --engine spark: the master URL, e.g. local[4] (default: spark-submit's, else local[*]).")
+@click.option("--spark-dir", help="With --engine spark: work folder every executor and the driver can reach (default: a temp folder beside the output).")
 @column_options
 @embed_options
 @threshold_options
 @fit_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str | None, out: str | None,
-          save_detector: str | None, quiet: bool, k: int, weighting: str, **kw) -> None:
-    """Score every row of DATASET (parquet, jsonl or csv) and store harm_score / harm_flag in DuckDB."""
+          save_detector: str | None, shard: Shard | None, engine: str, spark_master: str | None,
+          spark_dir: str | None, quiet: bool, k: int | None, weighting: str | None, anchors: bool, **kw) -> None:
+    """Score every row of DATASET (parquet, jsonl or csv) and store harm_score / harm_flag in DuckDB.
+
+    With --shard i/n only rows i·N/n .. (i+1)·N/n − 1 are scored (global row ids kept), and only that range of
+    the detector's rows is replaced in DuckDB; pass the merged --detector so all shards score alike."""
     eopts, copts, rule = embed_opts(kw), column_opts(kw), threshold_rule(kw)
+    eopts.anchors = anchors  # the default layer / token follow the mode
+    if engine == "spark" and shard is not None:
+        raise SaftError("--engine spark splits the dataset itself; drop --shard")
     if no_db and not out:
         raise SaftError("--no-db needs --out, or the scores would go nowhere")
     table = table or store.table_name_for(dataset)
@@ -89,12 +145,21 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     os.close(fd)
     bar = Progress(ds.num_rows, "embedding", quiet)
     try:
-        result = pipeline.score_file(dataset, tmp_out, opts=eopts, columns=copts, detector=det, k=k,
-                                     weighting=weighting, rule=rule, progress=bar)
+        if engine == "spark":
+            from ..spark_engine import score_file as spark_score_file
+
+            bar.close()
+            result = spark_score_file(dataset, tmp_out, opts=eopts, columns=copts, detector=det, k=k,
+                                      weighting=weighting, anchors=anchors, rule=rule, master=spark_master,
+                                      work_dir=spark_dir)
+        else:
+            result = pipeline.score_file(dataset, tmp_out, opts=eopts, columns=copts, detector=det, k=k,
+                                         weighting=weighting, anchors=anchors, rule=rule, progress=bar, shard=shard)
         bar.close()
         meta = result.detector.meta
         if not no_db:
-            store.store_scored_parquet(db, table, result.out_path, detector_id=result.detector.detector_id, run={
+            store.store_scored_parquet(db, table, result.out_path, detector_id=result.detector.detector_id,
+                                       row_range=result.extra.get("row_range") if shard else None, run={
                 "source": str(Path(dataset).resolve()), "source_sha256": result.source_sha256, "rows": result.rows,
                 "flagged": result.flagged, "threshold": result.threshold, "threshold_rule": result.threshold_rule,
                 "model": meta.get("model"), "model_fingerprint": meta.get("model_fingerprint"),
@@ -107,12 +172,17 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
         bar.close()
         Path(tmp_out).unlink(missing_ok=True)
     e = result.embed
+    if shard is not None:
+        lo, hi = result.extra["row_range"]
+        tau_from_rows = rule.kind != "value" if rule else det is None or det.threshold is None
+        click.echo(f"shard {shard}: rows {lo}..{hi - 1}" + ("; τ from this shard's rows only" if tau_from_rows else ""))
     click.echo(
         f"scored {result.rows} rows in {result.seconds:.1f} s ({result.rows_per_second:.1f} rows/s; "
         f"{e.computed} embedded, {e.rows - e.computed} from cache)"
     )
     click.echo(
-        f"layer {meta.get('layer')}, token {meta.get('token')}, k={result.detector.k}; "
+        f"layer {meta.get('layer')}, token {meta.get('token')}, k={result.detector.k}"
+        f"{', ' + meta['variant'] if meta.get('variant') else ''}{' (built-in anchors)' if meta.get('anchors') else ''}; "
         f"τ = {result.threshold:.6g} ({result.threshold_rule}); flagged {result.flagged} "
         f"({result.flagged / result.rows:.1%})"
     )

@@ -56,7 +56,7 @@ def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None,
     fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix=".saft-", dir=Path(db).resolve().parent)
     os.close(fd)
     try:
-        res = pipeline.score_file(dataset, tmp, opts=opts, columns=cols, detector=det, k=int(kw.get("k") or 1), rule=rule,
+        res = pipeline.score_file(dataset, tmp, opts=opts, columns=cols, detector=det, k=int(kw["k"]) if kw.get("k") else None, rule=rule,
                                   session=pipeline.shared_session(opts, det))
         meta = res.detector.meta
         store.store_scored_parquet(db, table, res.out_path, detector_id=res.detector.detector_id, run={

@@ -148,7 +148,7 @@ def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
     det = load_detector(kw["detector"]) if kw.get("detector") is not None else None
     cols = column_options(column, response, is_messages_column(column, df[column]))
     frame = df[[c for c in (column, response) if c]]
-    scores, det = pipeline.score_frame(frame, columns=cols, detector=det, opts=embed_options(kw), k=int(kw.get("k") or 1))
+    scores, det = pipeline.score_frame(frame, columns=cols, detector=det, opts=embed_options(kw), k=int(kw["k"]) if kw.get("k") else None)
     if rule is not None:
         tau, text = resolve(rule, scores), ("threshold" if rule.kind == "value" else rule.describe())
     elif det.threshold is not None:
