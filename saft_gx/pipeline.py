@@ -346,7 +346,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     else:
         tau = float(detector.threshold)  # type: ignore[arg-type]
         fitted_rule = detector.meta.get("threshold_rule")
-        rule_text = f"from the detector: {fitted_rule} of its fit set" if fitted_rule else "from the detector"
+        rule_text = f"from the detector: {fitted_rule}" if fitted_rule else "from the detector"
     flags = detector.flag(scores)
     out = write_scored(ds, Path(out_path), scores, flags, digests, detector.detector_id)
     return ScoreResult(out_path=out, detector=detector, threshold=tau, threshold_rule=rule_text, rows=len(scores),
