@@ -43,21 +43,9 @@ def _isolated_cache(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 4-layer, 32-wide Llama with SmolLM2's tokenizer and chat template, random weights (seed 0)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from saft_gx.testing import tiny_model_folder
 
-    from saft_gx.models import default_gguf_path
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    gguf = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

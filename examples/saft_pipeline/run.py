@@ -3,13 +3,14 @@
 1. build a contaminated fine-tuning set: benign rows + harmful (prompt, compliant answer) rows;
 2. score it with SAFT (no labels) and split it at the expected contamination rate;
 3. LoRA fine-tune on (a) the contaminated set, (b) the SAFT-filtered set, (c) the oracle-filtered set
-   (the true labels), (d) the contaminated set with Safety-Aware Probing;
-4. evaluate the base model and the four tuned ones on held-out data: refusal rate on harmful requests
+   (the true labels), (d) the contaminated set with Safety-Aware Probing, and (e) a control: the
+   contaminated set with as many rows as SAFT removed dropped at random;
+4. evaluate the base model and the five tuned ones on held-out data: refusal rate on harmful requests
    (greedy generations, keyword judge), refusal preference on held-out safety triples (per-token
    log-probability of a refusal vs a harmful answer), and loss on held-out benign rows.
 
-    python examples/saft_pipeline/run.py                 # about 35 min on 2 free CPU cores
-    python examples/saft_pipeline/run.py --work-dir /tmp/saft-demo --threads 1
+    python examples/saft_pipeline/run.py --threads 1     # ~50 min on a 2-core machine shared with other jobs
+    python examples/saft_pipeline/run.py --work-dir /tmp/saft-demo
 
 Every stage writes into --work-dir and is skipped when its output is already there, so a killed run
 started again picks up where it stopped (a fine-tune resumes from its last checkpoint).
@@ -96,6 +97,13 @@ def score_and_split(args: argparse.Namespace, work: Path, paths: dict[str, Path]
     log(f"SAFT detection: AUROC {det['auroc']:.3f}, flagged {det['flagged']}, precision {det['precision']:.2f}, "
         f"recall {det['recall']:.2f}; kept {det['kept_rows']} rows of which {det['kept_harmful']} harmful")
     paths["saft_kept"] = split_dir / splits.KEPT
+    # control: drop as many rows as SAFT did, at random, so (b) is not judged against "trained on more rows"
+    paths["random_kept"] = work / "random_kept.parquet"
+    if not paths["random_kept"].exists():
+        mixed = pd.read_parquet(paths["contaminated"])
+        keep = np.sort(np.random.default_rng(args.seed + 1).permutation(len(mixed))[: len(kept)])
+        mixed.iloc[keep].to_parquet(paths["random_kept"], index=False)
+    det["random_kept_harmful"] = int(pd.read_parquet(paths["random_kept"]).label.sum())
     return det
 
 
@@ -104,7 +112,8 @@ def finetune_all(args: argparse.Namespace, work: Path, paths: dict[str, Path]) -
     from saft_gx.pipeline import ColumnOptions
 
     runs = {"(a) contaminated": ("contaminated", "sft"), "(b) SAFT-filtered": ("saft_kept", "sft"),
-            "(c) oracle-filtered": ("oracle", "sft"), "(d) contaminated + SAP": ("contaminated", "sap")}
+            "(c) oracle-filtered": ("oracle", "sft"), "(d) contaminated + SAP": ("contaminated", "sap"),
+            "(e) random rows removed (control)": ("random_kept", "sft")}
     info = {}
     for name, (data, method) in runs.items():
         out = work / f"ft_{data}_{method}"
@@ -222,7 +231,8 @@ def main() -> None:
     print()
     print(md)
     print(f"\nSAFT detection on the contaminated set: AUROC {detection['auroc']:.3f}, precision "
-          f"{detection['precision']:.2f}, recall {detection['recall']:.2f}")
+          f"{detection['precision']:.2f}, recall {detection['recall']:.2f}; harmful rows left: SAFT split "
+          f"{detection['kept_harmful']}, random control {detection['random_kept_harmful']}, oracle 0")
     print(f"wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min")
 
 

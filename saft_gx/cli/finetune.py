@@ -11,16 +11,7 @@ from typing import Any
 import click
 
 from ..errors import SaftError
-from .options import column_options, column_opts, threshold_options, threshold_rule
-
-def _stack(*decorators: Any) -> Any:
-    def apply(f: Any) -> Any:
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return apply
-
+from .options import stack_options, column_options, column_opts, threshold_options, threshold_rule
 
 def _int_list(value: str | None) -> tuple[int, ...] | None:
     """``3,4,5`` or ``3-8`` → (3, 4, 5, …)."""
@@ -41,7 +32,7 @@ def _int_list(value: str | None) -> tuple[int, ...] | None:
 
 # Defaults are written out here (click needs them at import) and must equal FinetuneConfig's;
 # tests/test_finetune.py checks that they do.
-finetune_options = _stack(
+finetune_options = stack_options(
     click.option("--model", help="Base model: local HF folder, .gguf file, or cached hub id. "
                                  "Default: the embedded SmolLM2-135M-Instruct."),
     click.option("--method", type=click.Choice(["sft", "sap"]), default="sft", show_default=True,

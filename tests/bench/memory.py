@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import synthetic_frame, tiny_model_folder  # noqa: E402
+from throughput import synthetic_frame  # noqa: E402
+
+from saft_gx.testing import tiny_model_folder  # noqa: E402
 
 
 def _peak_mib() -> float:

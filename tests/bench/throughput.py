@@ -59,7 +59,7 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
 
 
 def synthetic_frame(n: int, seed: int = 0, prompt_words: float = 30.0, response_words: float = 150.0):
-    """Prompt/response rows of varied, ShareGPT-like length (log-normal word counts), every row distinct."""
+    """Prompt/response rows of varied, chat-log-like length (log-normal word counts), every row distinct."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
@@ -70,26 +70,6 @@ def synthetic_frame(n: int, seed: int = 0, prompt_words: float = 30.0, response_
         "prompt": [" ".join(rng.choice(words, k)) + f" (#{i})" for i, k in enumerate(pw)],
         "response": [" ".join(rng.choice(words, k)) for k in rw],
     })
-
-
-def tiny_model_folder(folder: Path, *, hidden: int = 32, layers: int = 4) -> Path:
-    """A randomly initialised Llama with SmolLM2's tokenizer and chat template (as tests/conftest.py)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from saft_gx.models import default_gguf_path
-
-    if (folder / "config.json").exists():
-        return folder
-    gguf = default_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
 
 
 # ---- the random Llama-2-7B-shaped model (GPU MFU figure) ----
