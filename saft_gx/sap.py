@@ -205,7 +205,8 @@ class SAP:
         finally:
             self._mode = prev
             self.model.train(was_training)
-        return {"sap_safety_loss": round(float(loss0.detach()), 6), "sap_safety_loss_shifted": round(float(loss1.detach()), 6),
+        return {"sap_safety_loss": round(float(loss0.detach()), 6),
+                "sap_safety_loss_shifted": round(float(loss1.detach()), 6),
                 "sap_delta_norm": float(scale * g_norm), "sap_probe_norm": round(float(self.probe.detach().norm()), 6)}
 
     def state_dict(self) -> dict[str, Any]:
