@@ -32,3 +32,42 @@ def test_namespaces_do_not_mix(tmp_path):
     b = EmbeddingCache(tmp_path, model_fingerprint="b" * 64, token="last", max_tokens=10, overlong="error", dim=2)
     a.layer(1).put(["0" * 64], np.ones((1, 2)))
     assert b.missing(["0" * 64], [1]).all()
+
+
+def test_index_matches_a_dict_over_many_puts_duplicates_and_reopen(tmp_path, monkeypatch):
+    """The sorted-run index answers like a plain dict: first write of a key wins, across merges and reopens,
+    and reads are right when shards have been unmapped (more shards than MAX_OPEN_SHARDS)."""
+    from saft_gx.cache import LayerCache
+
+    monkeypatch.setattr(LayerCache, "MAX_OPEN_SHARDS", 3)
+    rng = np.random.default_rng(0)
+    c = EmbeddingCache(tmp_path, model_fingerprint="f" * 64, token="last", max_tokens=10, overlong="error", dim=3)
+    layer = c.layer(2)
+    assert not layer.contains(["0" * 64]).any()  # builds the (empty) index, which puts then extend
+    ref: dict[str, np.ndarray] = {}
+    for size in [1, 7, 7, 30, 2, 64, 5, 5, 5, 100, 3]:
+        ids = rng.integers(0, 150, size=size)  # collisions with earlier puts and within a put
+        keys = [f"{i:064x}" for i in ids]
+        vecs = rng.normal(size=(size, 3)).astype(np.float16).astype(np.float32)
+        layer.put(keys, vecs)
+        for k, v in zip(keys, vecs):
+            ref.setdefault(k, v)
+    assert len(layer._runs) < 11  # merged, not one run per put
+    probe = list(ref) + [f"{i:064x}" for i in range(150, 160)]
+    rng.shuffle(probe)
+    for cache in (c, EmbeddingCache(tmp_path, model_fingerprint="f" * 64, token="last", max_tokens=10,
+                                    overlong="error", dim=3)):
+        lc = cache.layer(2)
+        np.testing.assert_array_equal(lc.contains(probe), [k in ref for k in probe])
+        present = [k for k in probe if k in ref]
+        got = lc.get(present)
+        assert len(lc._mmaps) <= 3
+        if cache is c:  # the reopened cache reads shards in file-name order, so "first" differs between them
+            np.testing.assert_array_equal(got, np.stack([ref[k] for k in present]))
+        assert len(lc) == len(ref)
+    try:
+        layer.get([probe[0], "e" * 64])
+    except KeyError as e:
+        assert "e" * 64 in str(e)
+    else:
+        raise AssertionError("a missing key must raise KeyError")
