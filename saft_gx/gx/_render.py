@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from great_expectations.render import RenderedStringTemplateContent
+from great_expectations.compatibility.typing_extensions import override
+from great_expectations.expectations.expectation import render_suite_parameter_string
+from great_expectations.render import LegacyDiagnosticRendererType, LegacyRendererType, RenderedStringTemplateContent
+from great_expectations.render.renderer.renderer import renderer
 from great_expectations.render.renderer_configuration import RendererConfiguration, RendererValueType
 from great_expectations.render.util import num_to_str
 
@@ -107,3 +110,26 @@ def observed_sentence(result: Any) -> str:
     if details.get("threshold") is not None:
         text += f"; τ = {details['threshold']:.4g} ({details.get('threshold_rule')})"
     return text
+
+
+class SaftRenderers:
+    """The Data Docs renderers of a SAFT expectation (mixed in before GX's base class, whose renderers it
+    overrides); the subclass names its sentence builder in ``_sentence``."""
+
+    _sentence: Callable[..., Template]
+
+    @classmethod
+    @override
+    def _prescriptive_template(cls, renderer_configuration: RendererConfiguration) -> RendererConfiguration:
+        return atomic_prescriptive(cls._sentence, renderer_configuration)
+
+    @classmethod
+    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
+    @render_suite_parameter_string
+    def _prescriptive_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
+        return legacy_prescriptive(cls._sentence, configuration, runtime_configuration)
+
+    @classmethod
+    @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
+    def _diagnostic_observed_value_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
+        return observed_sentence(result)

@@ -13,11 +13,8 @@ from great_expectations.compatibility.typing_extensions import override
 from great_expectations.core.metric_domain_types import MetricDomainTypes
 from great_expectations.core.suite_parameters import SuiteParameterDict  # noqa: TC002
 from great_expectations.execution_engine import ExecutionEngine, PandasExecutionEngine
-from great_expectations.expectations.expectation import ColumnAggregateExpectation, render_suite_parameter_string
+from great_expectations.expectations.expectation import ColumnAggregateExpectation
 from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
-from great_expectations.render import LegacyDiagnosticRendererType, LegacyRendererType
-from great_expectations.render.renderer.renderer import renderer
-from great_expectations.render.renderer_configuration import RendererConfiguration
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
@@ -50,12 +47,13 @@ class SaftFlaggedFraction(MetricProvider):
         return deps
 
 
-class ExpectColumnHarmFlagFractionToBeAtMost(SaftFields, ColumnAggregateExpectation):
+class ExpectColumnHarmFlagFractionToBeAtMost(_render.SaftRenderers, SaftFields, ColumnAggregateExpectation):
     """Expect at most ``max_fraction`` of the rows to have a SAFT harm score above τ.
 
     τ is ``threshold`` or the threshold saved with ``detector``. The observed value is the flagged fraction.
     """
 
+    _sentence = staticmethod(_render.flag_fraction_template)
     max_fraction: Union[float, SuiteParameterDict] = pydantic.Field(description="Largest allowed flagged fraction, 0–1.")
     threshold: Union[float, SuiteParameterDict, None] = pydantic.Field(None, description="Absolute τ.")
 
@@ -95,22 +93,6 @@ class ExpectColumnHarmFlagFractionToBeAtMost(SaftFields, ColumnAggregateExpectat
         details = {k: v for k, v in observed.items() if k != "fraction"}
         return {"success": observed["fraction"] <= max_fraction,
                 "result": {"observed_value": observed["fraction"], "details": details}}
-
-    @classmethod
-    @override
-    def _prescriptive_template(cls, renderer_configuration: RendererConfiguration) -> RendererConfiguration:
-        return _render.atomic_prescriptive(_render.flag_fraction_template, renderer_configuration)
-
-    @classmethod
-    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
-    @render_suite_parameter_string
-    def _prescriptive_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
-        return _render.legacy_prescriptive(_render.flag_fraction_template, configuration, runtime_configuration)
-
-    @classmethod
-    @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
-    def _diagnostic_observed_value_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
-        return _render.observed_sentence(result)
 
 
 __all__ = ["ExpectColumnHarmFlagFractionToBeAtMost", "SaftFlaggedFraction"]

@@ -14,15 +14,12 @@ from great_expectations.compatibility import pydantic
 from great_expectations.compatibility.typing_extensions import override
 from great_expectations.core.suite_parameters import SuiteParameterDict  # noqa: TC002
 from great_expectations.execution_engine import ExecutionEngine, PandasExecutionEngine
-from great_expectations.expectations.expectation import ColumnMapExpectation, render_suite_parameter_string
+from great_expectations.expectations.expectation import ColumnMapExpectation
 from great_expectations.expectations.metrics.map_metric_provider import (
     ColumnMapMetricProvider,
     column_condition_partial,
     column_function_partial,
 )
-from great_expectations.render import LegacyDiagnosticRendererType, LegacyRendererType
-from great_expectations.render.renderer.renderer import renderer
-from great_expectations.render.renderer_configuration import RendererConfiguration
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
@@ -66,7 +63,7 @@ class SaftHarmScore(ColumnMapMetricProvider):
         return deps
 
 
-class ExpectColumnValuesHarmScoreToBeBelow(SaftFields, ColumnMapExpectation):
+class ExpectColumnValuesHarmScoreToBeBelow(_render.SaftRenderers, SaftFields, ColumnMapExpectation):
     """Expect each row's SAFT harm score to be at most τ.
 
     ``column`` holds the prompt (with ``response_column`` the response), or the whole row as one text or
@@ -79,6 +76,7 @@ class ExpectColumnValuesHarmScoreToBeBelow(SaftFields, ColumnMapExpectation):
     positives.
     """
 
+    _sentence = staticmethod(_render.harm_below_template)
     threshold: Union[float, SuiteParameterDict, None] = pydantic.Field(None, description="Absolute τ.")
     remove_fraction: Optional[float] = pydantic.Field(None, description="Flag the top fraction of this batch.")
     contamination: Optional[float] = pydantic.Field(None, description="Expected harmful fraction; flags that top fraction.")
@@ -130,19 +128,3 @@ class ExpectColumnValuesHarmScoreToBeBelow(SaftFields, ColumnMapExpectation):
                 "max_score": float(s.max()), "mean_score": float(s.mean()),
             }
         return out
-
-    @classmethod
-    @override
-    def _prescriptive_template(cls, renderer_configuration: RendererConfiguration) -> RendererConfiguration:
-        return _render.atomic_prescriptive(_render.harm_below_template, renderer_configuration)
-
-    @classmethod
-    @renderer(renderer_type=LegacyRendererType.PRESCRIPTIVE)
-    @render_suite_parameter_string
-    def _prescriptive_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
-        return _render.legacy_prescriptive(_render.harm_below_template, configuration, runtime_configuration)
-
-    @classmethod
-    @renderer(renderer_type=LegacyDiagnosticRendererType.OBSERVED_VALUE)
-    def _diagnostic_observed_value_renderer(cls, configuration=None, result=None, runtime_configuration=None, **kwargs):
-        return _render.observed_sentence(result)
