@@ -84,13 +84,16 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
 
 def fit_with_session(session: Any, stats: MomentStats, *, k: int | None = None, weighting: str | None = None,
                      anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None) -> Detector:
-    """``fit_default`` with the anchors embedded like the data: the session's model, layer, token position and
-    cache (a separate Embedder, so the session's counters keep counting dataset rows only)."""
+    """``fit_default`` with the anchors embedded like the data (``session_anchor_vectors``)."""
+    return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
+                       anchor_vectors=lambda: session_anchor_vectors(session))
+
+
+def session_anchor_vectors(session: Any) -> np.ndarray:
+    """The built-in anchors embedded by ``session`` (its model, layer, token position and cache), in anchor order;
+    a separate Embedder, so the session's counters keep counting dataset rows only."""
     from .calibrate import embed_into_cache
     from .embed import Embedder
 
-    def vectors() -> np.ndarray:
-        keys = embed_into_cache(Embedder(session.lm, session.config), session.cache, anchor_rows()[0])
-        return session.cache.layer(session.layer).get(keys)
-
-    return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta, anchor_vectors=vectors)
+    keys = embed_into_cache(Embedder(session.lm, session.config), session.cache, anchor_rows()[0])
+    return session.cache.layer(session.layer).get(keys)

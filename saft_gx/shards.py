@@ -149,16 +149,6 @@ def first_row_id(ds: Dataset) -> int:
 
 # ---- fit statistics on disk ----
 
-def session_anchor_vectors(session: Any) -> np.ndarray:
-    """The built-in anchors embedded by ``session`` (its model, layer, token and cache), in anchor order."""
-    from .anchors import anchor_rows
-    from .calibrate import embed_into_cache
-    from .embed import Embedder
-
-    keys = embed_into_cache(Embedder(session.lm, session.config), session.cache, anchor_rows()[0])
-    return session.cache.layer(session.layer).get(keys)
-
-
 def save_stats(folder: str | os.PathLike[str], stats: MomentStats, meta: dict[str, Any], *,
                anchors: np.ndarray | None = None) -> Path:
     """``stats.safetensors`` (n, Σx, Σxxᵀ in float64, and the built-in anchors' vectors at the same embedding,

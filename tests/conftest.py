@@ -3,7 +3,6 @@ detection), small dataset files, and an isolated embedding cache per test."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 
 from saft_gx import pipeline
 from saft_gx.metrics import auroc

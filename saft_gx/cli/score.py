@@ -10,10 +10,10 @@ import click
 
 from .. import pipeline, store
 from ..errors import SaftError
-from ..readers import open_dataset
-from ..shards import Shard, first_row_id, save_stats, session_anchor_vectors, shard_dataset
 from ..anchors import DEFAULT_K as DEFAULT_ANCHOR_K
-from ..anchors import USE_ANCHORS, fit_with_session
+from ..anchors import USE_ANCHORS, fit_with_session, session_anchor_vectors
+from ..readers import open_dataset
+from ..shards import Shard, first_row_id, save_stats, shard_dataset
 from ..subspace import WEIGHTINGS, Detector
 from ..threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 from .options import Progress, stack_options, column_opts, column_options, embed_options, embed_opts, threshold_options, threshold_rule
