@@ -31,14 +31,13 @@ from .anchors import USE_ANCHORS, fit_default
 from .errors import SaftError
 from .gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
 from .gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
-from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, column_options, embed_options, load_detector,
-                         threshold_rule)
+from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, embed_options,
+                         load_detector, threshold_rule)
 from .pipeline import EmbedOptions
 from .rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
 from .spark_engine import (_anchor_vectors, _embed_fn, _executor_session, _score_fn, _stats_tree_aggregate, _worker_errors,
                            describe_model, resolve_options)
 from .subspace import Detector
-from .threshold import resolve
 
 
 @dataclass(frozen=True)
@@ -99,14 +98,8 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
         finally:
             emb.unpersist()
     scores = pd.Series(scored["harm_score"].to_numpy(dtype=np.float64), dtype="float64")
-    if rule is not None:
-        tau, rule_text = resolve(rule, scores.to_numpy()), ("threshold" if rule.kind == "value" else rule.describe())
-    elif det.threshold is not None:
-        tau, rule_text = float(det.threshold), f"τ from detector {det.detector_id}"
-    else:
-        raise SaftError("no threshold: give threshold, remove_fraction or contamination, "
-                        "or a detector saved with a threshold (saft-gx fit --contamination/--threshold)")
-    return SparkScoredRows(scores, float(tau), rule_text, det.detector_id, detector=det, opts=ropts, spec=spec,
+    tau, rule_text = batch_threshold(rule, scores.to_numpy(), det)
+    return SparkScoredRows(scores, tau, rule_text, det.detector_id, detector=det, opts=ropts, spec=spec,
                            fingerprint=lm.fingerprint)
 
 

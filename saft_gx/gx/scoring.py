@@ -135,7 +135,6 @@ def load_detector(path: Any) -> Any:
 def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
     """Harm scores of every row of ``df`` (the expectation's domain) and τ. Raises SaftError on bad input."""
     from .. import pipeline
-    from ..threshold import resolve
 
     if column not in df.columns:
         raise SaftError(f"column {column!r} not found; the data has: {', '.join(map(str, df.columns))}")
@@ -149,16 +148,20 @@ def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
     cols = column_options(column, response, is_messages_column(column, df[column]))
     frame = df[[c for c in (column, response) if c]]
     scores, det = pipeline.score_frame(frame, columns=cols, detector=det, opts=embed_options(kw), k=int(kw["k"]) if kw.get("k") else None)
+    tau, text = batch_threshold(rule, scores, det)
+    return ScoredRows(pd.Series(scores, index=df.index, dtype="float64"), tau, text, det.detector_id)
+
+
+def batch_threshold(rule: Any, scores: np.ndarray, det: Any) -> tuple[float, str]:
+    """(τ, how it was chosen) for one batch: the expectation's rule, else the detector's saved τ."""
+    from ..threshold import resolve
+
     if rule is not None:
-        tau, text = resolve(rule, scores), ("threshold" if rule.kind == "value" else rule.describe())
-    elif det.threshold is not None:
-        tau, text = float(det.threshold), f"τ from detector {det.detector_id}"
-    else:
-        raise SaftError(
-            "no threshold: give threshold, remove_fraction or contamination, "
-            "or a detector saved with a threshold (saft-gx fit --contamination/--threshold)"
-        )
-    return ScoredRows(pd.Series(scores, index=df.index, dtype="float64"), float(tau), text, det.detector_id)
+        return float(resolve(rule, scores)), ("threshold" if rule.kind == "value" else rule.describe())
+    if det.threshold is not None:
+        return float(det.threshold), f"τ from detector {det.detector_id}"
+    raise SaftError("no threshold: give threshold, remove_fraction or contamination, "
+                    "or a detector saved with a threshold (saft-gx fit --contamination/--threshold)")
 
 
 class SaftRowScores(MetricProvider):
