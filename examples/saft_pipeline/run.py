@@ -9,7 +9,7 @@
    (greedy generations, keyword judge), refusal preference on held-out safety triples (per-token
    log-probability of a refusal vs a harmful answer), and loss on held-out benign rows.
 
-    python examples/saft_pipeline/run.py --threads 1     # ~50 min on a 2-core machine shared with other jobs
+    python examples/saft_pipeline/run.py                 # ~26 min on 2 idle CPU cores
     python examples/saft_pipeline/run.py --work-dir /tmp/saft-demo
 
 Every stage writes into --work-dir and is skipped when its output is already there, so a killed run
