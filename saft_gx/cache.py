@@ -29,50 +29,55 @@ def default_cache_dir() -> Path:
 
 
 def _digests(keys: Sequence[str]) -> np.ndarray:
-    """Hex sha256 keys → (n,) ``S32`` digests: fixed-width bytes that numpy sorts and binary-searches."""
-    return np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype="S32")
+    """Hex sha256 keys → (n, 32) uint8 digests."""
+    return np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(len(keys), 32)
+
+
+def _prefix(digests: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each digest as a big-endian uint64: sorts like the digest, compares as a number."""
+    return np.ascontiguousarray(digests[:, :8]).view(">u8").reshape(len(digests)).astype(np.uint64)
 
 
 class _Run:
-    """One sorted run of the key index: unique digests and where each row lives (shard, row in shard)."""
+    """One sorted run of the key index: 64-bit key prefixes and where each row lives (shard, row in shard).
+    Equal prefixes keep insertion order (older first); duplicates and prefix collisions are both kept and
+    told apart by the full digest in the shard's keys file."""
 
-    __slots__ = ("keys", "shard", "row")
+    __slots__ = ("prefix", "shard", "row")
 
-    def __init__(self, keys: np.ndarray, shard: np.ndarray, row: np.ndarray):
-        self.keys, self.shard, self.row = keys, shard, row
-
-    @classmethod
-    def build(cls, keys: np.ndarray, shard: np.ndarray, row: np.ndarray) -> "_Run":
-        """Sorted and deduplicated; of equal keys the first given wins (the stable sort keeps it first)."""
-        order = np.argsort(keys, kind="stable")
-        keys = keys[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        keep = order[first]
-        return cls(keys[first], shard[keep], row[keep])
+    def __init__(self, prefix: np.ndarray, shard: np.ndarray, row: np.ndarray):
+        self.prefix, self.shard, self.row = prefix, shard, row
 
     @classmethod
-    def merge(cls, older: "_Run", newer: "_Run") -> "_Run":
-        return cls.build(np.concatenate([older.keys, newer.keys]), np.concatenate([older.shard, newer.shard]),
-                         np.concatenate([older.row, newer.row]))
+    def of_shard(cls, digests: np.ndarray, shard: int) -> "_Run":
+        prefix = _prefix(digests)
+        order = np.argsort(prefix, kind="stable")
+        return cls(prefix[order], np.full(len(order), shard, dtype=np.int32), order.astype(np.int32))
 
-    def find(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(hit mask, position in this run) of the digests ``q``."""
-        if len(self.keys) == 0:
-            return np.zeros(len(q), dtype=bool), np.zeros(len(q), dtype=np.intp)
-        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
-        return self.keys[pos] == q, pos
+    def merge(self, newer: "_Run") -> "_Run":
+        """Both runs in one, without sorting again: each newer entry goes after the older ones with its prefix.
+        Besides the result, only a mask and the newer run's positions are allocated."""
+        n = len(self.prefix) + len(newer.prefix)
+        at = np.searchsorted(self.prefix, newer.prefix, side="right") + np.arange(len(newer.prefix))
+        older = np.ones(n, dtype=bool)
+        older[at] = False
+        parts = []
+        for a, b in ((self.prefix, newer.prefix), (self.shard, newer.shard), (self.row, newer.row)):
+            out = np.empty(n, dtype=a.dtype)
+            out[older], out[at] = a, b
+            parts.append(out)
+        return _Run(*parts)
 
 
 class LayerCache:
     """Embeddings of one (model, token, layer); ``put`` appends a shard, ``get`` reads by key.
 
-    The key index is a few sorted numpy runs (32-byte digest + shard + row: 40 bytes per row, no Python
-    object per row), searched by bisection. Each ``put`` adds a small run and runs are merged like a
-    binary counter (a run absorbs the next when it is no more than twice its size), so there are O(log n)
-    runs and building the index over n rows costs O(n log² n) comparisons in numpy, not Python.
-    At most ``MAX_OPEN_SHARDS`` embedding shards stay memory-mapped: mapped pages count towards the
-    process's resident set, and a million-row cache must not become resident just because it was read.
+    The key index is a few sorted runs of (64-bit key prefix, shard, row): 16 bytes per row and no Python
+    object per row, searched by bisection; a prefix hit is confirmed against the full digest in the shard's
+    keys file. Each ``put`` adds a small run and runs are merged like a binary counter (a run absorbs the
+    next when it is at most twice its size), so there are O(log n) runs and each row is merged O(log n)
+    times. At most ``MAX_OPEN_SHARDS`` shards stay open: mapped pages count towards the process's resident
+    set, and reading a million-row cache must not make it resident.
     """
 
     MAX_OPEN_SHARDS = 16
@@ -82,7 +87,7 @@ class LayerCache:
         self.dim = dim
         self._runs: list[_Run] | None = None
         self._shards: list[Path] = []
-        self._mmaps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._open: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
 
     def _index(self) -> list[_Run]:
         if self._runs is None:
@@ -94,34 +99,62 @@ class LayerCache:
 
     def _add_shard(self, keys_path: Path, digests: np.ndarray) -> None:
         assert self._runs is not None
-        s = len(self._shards)
         self._shards.append(keys_path)
-        n = len(digests)
-        keys = np.ascontiguousarray(digests, dtype=np.uint8).reshape(n, 32).view("S32").reshape(n)
-        self._runs.append(_Run.build(keys, np.full(n, s, dtype=np.int32), np.arange(n, dtype=np.int32)))
-        while len(self._runs) > 1 and len(self._runs[-2].keys) <= 2 * len(self._runs[-1].keys):
+        self._runs.append(_Run.of_shard(np.asarray(digests, dtype=np.uint8).reshape(-1, 32), len(self._shards) - 1))
+        while len(self._runs) > 1 and len(self._runs[-2].prefix) <= 2 * len(self._runs[-1].prefix):
             newer = self._runs.pop()
-            self._runs[-1] = _Run.merge(self._runs[-1], newer)
+            self._runs[-1] = self._runs[-1].merge(newer)
+
+    def _shard_array(self, shard: int, kind: str) -> np.ndarray:
+        """The shard's ``keys`` (n×32 uint8) or ``emb`` (n×d float16) array, memory-mapped, least recently used
+        closed first."""
+        if (shard, kind) in self._open:
+            self._open.move_to_end((shard, kind))
+        else:
+            keys_path = self._shards[shard]
+            path = keys_path if kind == "keys" else keys_path.with_name(keys_path.name.replace(".keys.npy", ".emb.npy"))
+            self._open[(shard, kind)] = np.load(path, mmap_mode="r", allow_pickle=False)
+            if len(self._open) > self.MAX_OPEN_SHARDS:
+                self._open.popitem(last=False)  # unmapped once no array refers to it
+        return self._open[(shard, kind)]
+
+    def _gather(self, kind: str, shard: np.ndarray, row: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out[i] = the ``kind`` array of shard[i] at row[i], reading each shard once."""
+        order = np.argsort(shard, kind="stable")
+        for group in np.split(order, np.flatnonzero(np.diff(shard[order])) + 1):
+            if len(group):
+                out[group] = self._shard_array(int(shard[group[0]]), kind)[row[group]]
+        return out
 
     def _locate(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(shard, row) per key; shard −1 where the key is absent. Older runs win, as in ``_Run.build``."""
+        """(shard, row) per key; shard −1 where the key is absent. Older runs and entries win."""
         q = _digests(keys)
+        qp = _prefix(q)
         shard = np.full(len(q), -1, dtype=np.int32)
         row = np.zeros(len(q), dtype=np.int32)
         for run in self._index():
-            hit, pos = run.find(q)
-            hit &= shard < 0
-            shard[hit], row[hit] = run.shard[pos[hit]], run.row[pos[hit]]
+            lo = np.searchsorted(run.prefix, qp, side="left")
+            hi = np.searchsorted(run.prefix, qp, side="right")
+            t = 0
+            while True:  # the t-th entry with the query's prefix: almost always only t = 0 exists
+                cand = np.flatnonzero((shard < 0) & (lo + t < hi))
+                if len(cand) == 0:
+                    break
+                at = lo[cand] + t
+                s, r = run.shard[at], run.row[at]
+                full = self._gather("keys", s, r, np.empty((len(cand), 32), dtype=np.uint8))
+                ok = (full == q[cand]).all(axis=1)
+                shard[cand[ok]], row[cand[ok]] = s[ok], r[ok]
+                t += 1
         return shard, row
 
     def __len__(self) -> int:
-        runs = self._index()
-        if len(runs) > 1:  # runs may share keys (the same row put twice): count after merging them all
-            merged = runs[0]
-            for run in runs[1:]:
-                merged = _Run.merge(merged, run)
-            runs[:] = [merged]
-        return len(runs[0].keys) if runs else 0
+        """Distinct keys (reads every keys file: for tests and diagnostics)."""
+        self._index()
+        if not self._shards:
+            return 0
+        every = np.concatenate([np.load(p, allow_pickle=False) for p in self._shards])
+        return len(np.unique(every.view("V32").reshape(len(every))))
 
     def contains(self, keys: Sequence[str]) -> np.ndarray:
         return self._locate(keys)[0] >= 0
@@ -136,35 +169,18 @@ class LayerCache:
         sid = uuid.uuid4().hex
         emb_path = self.folder / f"{sid}.emb.npy"
         keys_path = self.folder / f"{sid}.keys.npy"
-        digests = _digests(keys).view(np.uint8).reshape(len(keys), 32)
+        digests = _digests(keys)
         atomic_write(emb_path, lambda p: _save_npy(p, vectors.astype(np.float16)))
         atomic_write(keys_path, lambda p: _save_npy(p, digests))
         if self._runs is not None:
             self._add_shard(keys_path, digests)
-
-    def _emb(self, shard: int) -> np.ndarray:
-        if shard in self._mmaps:
-            self._mmaps.move_to_end(shard)
-        else:
-            keys_path = self._shards[shard]
-            emb_path = keys_path.with_name(keys_path.name.replace(".keys.npy", ".emb.npy"))
-            self._mmaps[shard] = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-            if len(self._mmaps) > self.MAX_OPEN_SHARDS:
-                self._mmaps.popitem(last=False)  # unmapped once no array refers to it
-        return self._mmaps[shard]
 
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """float32 (n, d) for keys that are all present (KeyError otherwise)."""
         shard, row = self._locate(keys)
         if (shard < 0).any():
             raise KeyError(keys[int(np.flatnonzero(shard < 0)[0])])
-        out = np.empty((len(keys), self.dim), dtype=np.float32)
-        order = np.argsort(shard, kind="stable")
-        bounds = np.flatnonzero(np.diff(shard[order])) + 1
-        for group in np.split(order, bounds):
-            if len(group):
-                out[group] = self._emb(int(shard[group[0]]))[row[group]]
-        return out
+        return self._gather("emb", shard, row, np.empty((len(keys), self.dim), dtype=np.float32))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
