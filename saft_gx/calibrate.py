@@ -555,7 +555,7 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
     meta["labels"] = labels.source
 
     def data_scores(det: Detector, key: Key) -> np.ndarray:
-        return pipeline.score_cached(ds, spec, caches[key[0]], det, key[1])[0]
+        return pipeline.score_cached(ds, spec, caches[key[0]], det, key[1])
 
     cal = calibrate(stats, labelled, labels.labels, anchors=anchor_x if anchors else None, anchor_labels=ya, ks=ks,
                     variants=variants, target=target, folds=folds, meta=meta, data_scores=data_scores)

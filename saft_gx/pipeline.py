@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -138,21 +138,32 @@ def _prepared_frames(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: E
 
 
 def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
-                 frame_rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Pass 2: scores (n,) float64 and content digests (n, 32) uint8 of every row, from the cache only."""
-    scores, digests = [], []
+                 frame_rows: int = 4096, digests_to: BinaryIO | None = None) -> np.ndarray:
+    """Pass 2: scores (n,) float64 of every row, from the cache only; with ``digests_to``, each row's 32-byte
+    content digest is appended to that file (for pass 3), so only the scores — 8 bytes a row, which the
+    threshold needs all of — stay in memory."""
+    scores = []
     lc = cache.layer(layer)
     for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
         rows = rows_from_frame(df, spec, first)
         keys = [r.content_key() for r in rows]
         scores.append(detector.score(lc.get(keys)))
-        digests.append(np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, 32))
-    return np.concatenate(scores), np.concatenate(digests)
+        if digests_to is not None:
+            digests_to.write(b"".join(bytes.fromhex(k) for k in keys))
+    return np.concatenate(scores)
 
 
-def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndarray, digests: np.ndarray,
+def _hex_digests(f: BinaryIO, n: int) -> list[str]:
+    raw = f.read(32 * n)
+    if len(raw) != 32 * n:
+        raise SaftError("the input changed while it was being scored (it has more rows than the scoring pass saw)")
+    return [raw[i : i + 32].hex() for i in range(0, len(raw), 32)]
+
+
+def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndarray, digests: BinaryIO,
                  detector_id: str, *, frame_rows: int = 4096) -> Path:
-    """Pass 3: the input's columns (exact types) plus OUTPUT_COLUMNS, written to a temp file and renamed."""
+    """Pass 3: the input's columns (exact types) plus OUTPUT_COLUMNS, written to a temp file and renamed.
+    ``digests`` is read from its start: 32 bytes a row, as ``score_cached`` wrote them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -161,6 +172,7 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
     os.close(fd)
     writer = None
+    digests.seek(0)
     first = start = first_row_id(ds)  # a shard's rows keep their global ids
     try:
         for batch in ds.arrow_batches(batch_rows=frame_rows):
@@ -170,7 +182,7 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
             sl = slice(start - first, start - first + n)
             extra = {
                 "row_id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-                "text_sha256": pa.array([d.tobytes().hex() for d in digests[sl]], type=pa.string()),
+                "text_sha256": pa.array(_hex_digests(digests, n), type=pa.string()),
                 "harm_score": pa.array(scores[sl], type=pa.float64()),
                 "harm_flag": pa.array(flags[sl], type=pa.bool_()),
                 "detector_id": pa.array([detector_id] * n, type=pa.string()),
@@ -336,19 +348,21 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
         detector, summary = fit(session, ds, spec, k=k, weighting=weighting, anchors=anchors, progress=progress)
     else:
         summary = embed_dataset(ds, spec, session.embedder, session.cache, progress=progress)
-    scores, digests = score_cached(ds, spec, session.cache, detector, session.layer)
     if rule is None and detector.threshold is None:
         rule = ThresholdRule("contamination", DEFAULT_CONTAMINATION)
-    if rule is not None:
-        tau = resolve(rule, scores)
-        rule_text = rule.describe()
-        detector = detector.with_(threshold=tau, meta={**detector.meta, "threshold_rule": rule_text})
-    else:
-        tau = float(detector.threshold)  # type: ignore[arg-type]
-        fitted_rule = detector.meta.get("threshold_rule")
-        rule_text = f"from the detector: {fitted_rule}" if fitted_rule else "from the detector"
-    flags = detector.flag(scores)
-    out = write_scored(ds, Path(out_path), scores, flags, digests, detector.detector_id)
+    # the digests wait on disk between pass 2 and pass 3: in memory they would be 32 bytes a row
+    with tempfile.TemporaryFile(prefix="saft-digests-") as digests:
+        scores = score_cached(ds, spec, session.cache, detector, session.layer, digests_to=digests)
+        if rule is not None:
+            tau = resolve(rule, scores)
+            rule_text = rule.describe()
+            detector = detector.with_(threshold=tau, meta={**detector.meta, "threshold_rule": rule_text})
+        else:
+            tau = float(detector.threshold)  # type: ignore[arg-type]
+            fitted_rule = detector.meta.get("threshold_rule")
+            rule_text = f"from the detector: {fitted_rule}" if fitted_rule else "from the detector"
+        flags = detector.flag(scores)
+        out = write_scored(ds, Path(out_path), scores, flags, digests, detector.detector_id)
     return ScoreResult(out_path=out, detector=detector, threshold=tau, threshold_rule=rule_text, rows=len(scores),
                        flagged=int(flags.sum()), embed=summary, seconds=time.perf_counter() - t0,
                        source_sha256=ds.sha256(), columns=spec,

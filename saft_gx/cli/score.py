@@ -80,7 +80,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
         if not output:
             return
     det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
-    scores, _ = pipeline.score_cached(ds, spec, session.cache, det, session.layer)
+    scores = pipeline.score_cached(ds, spec, session.cache, det, session.layer)
     if rule is None and det.threshold is not None:  # τ from the built-in anchors
         rule_text = det.meta.get("threshold_rule", "from the detector")
     else:
