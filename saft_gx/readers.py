@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pandas as pd
 
@@ -36,9 +36,7 @@ class Dataset:
 
     def _frames(self, columns: list[str] | None, batch_rows: int) -> Iterator[pd.DataFrame]:
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            pf = pq.ParquetFile(self.path)
+            pf = open_parquet(self.path)
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield batch.to_pandas()
         elif self.fmt == "jsonl":
@@ -53,9 +51,7 @@ class Dataset:
         import pyarrow as pa
 
         if self.fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            yield from pq.ParquetFile(self.path).iter_batches(batch_size=batch_rows)
+            yield from open_parquet(self.path).iter_batches(batch_size=batch_rows)
             return
         for _, df in self.frames(batch_rows=batch_rows):
             yield pa.RecordBatch.from_pandas(df, preserve_index=False)
@@ -66,6 +62,15 @@ class Dataset:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
+
+
+def open_parquet(path: str | Path) -> Any:
+    """A ``pyarrow.parquet.ParquetFile`` for streaming. ``pre_buffer=False``: with pyarrow's default the
+    reader keeps the pre-buffered column chunks of every row group it has read, so memory grew with the
+    file (+72 MiB live after iterating a 100 MB, 1 M-row file; 0 without)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path, pre_buffer=False)
 
 
 def _first_line(e: BaseException) -> str:

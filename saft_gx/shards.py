@@ -105,9 +105,9 @@ class ShardedDataset(Dataset):
 
     def _parquet_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[Any]:
         """Record batches of rows ``[start, stop)``, reading only the row groups that overlap them."""
-        import pyarrow.parquet as pq
+        from .readers import open_parquet
 
-        pf = pq.ParquetFile(self.path)
+        pf = open_parquet(self.path)
         groups, offset, first = [], 0, None
         for g in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(g).num_rows

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import SaftError
+from .readers import open_parquet
 from .threshold import ThresholdRule, resolve
 
 KEPT = "kept.parquet"
@@ -92,9 +93,9 @@ def open_scored_parquet(path: str | Path, detector_id: str | None = None, batch_
         raise SaftError(f"{p}: missing column(s) {', '.join(missing)}; write a scored file with "
                         f"`saft-gx score DATA --out {p.name}` first")
     t = pq.read_table(p, columns=list(SCORE_COLUMNS))
-    ids = t.column("detector_id").to_pylist()
-    det = _pick_detector(ids, detector_id, str(p))
-    mask = np.asarray([i == det for i in ids], dtype=bool)
+    ids = t.column("detector_id")
+    det = _pick_detector(pc.unique(ids).to_pylist(), detector_id, str(p))
+    mask = np.asarray(pc.fill_null(pc.equal(ids, det), False).to_numpy(zero_copy_only=False), dtype=bool)
     scores = t.column("harm_score").to_numpy(zero_copy_only=False).astype(np.float64)[mask]
     flags_col = t.column("harm_flag")
     if flags_col.null_count:
@@ -103,7 +104,7 @@ def open_scored_parquet(path: str | Path, detector_id: str | None = None, batch_
     _check_scores(scores, flags, str(p))
 
     def batches() -> Iterator[Any]:
-        for b in pq.ParquetFile(p).iter_batches(batch_size=batch_rows):
+        for b in open_parquet(p).iter_batches(batch_size=batch_rows):
             if mask.all():
                 yield b
             else:
