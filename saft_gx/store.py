@@ -8,6 +8,7 @@ bookkeeping tables are numbered migrations.
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,6 +17,11 @@ from typing import Any
 from .errors import SaftError
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# DuckDB's buffer pool keeps the blocks it writes until its memory limit (default: 80 % of RAM), so loading
+# n rows grew the resident set with n (+400 MiB at 1 M rows). A fixed limit makes it write through / spill:
+# loads stay flat (+77 MiB at 1 M rows with 64 MB) at the cost of a few seconds.
+LOAD_MEMORY_LIMIT = os.environ.get("SAFT_GX_DUCKDB_MEMORY_LIMIT", "128MB")
 
 
 def _m1(con: Any) -> None:
@@ -42,14 +48,14 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def connect(db_path: str | Path, *, read_only: bool = False) -> Any:
+def connect(db_path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> Any:
     import duckdb
 
     p = Path(db_path)
     if read_only and not p.exists():
         raise SaftError(f"{p}: no such database")
     try:
-        return duckdb.connect(str(p), read_only=read_only)
+        return duckdb.connect(str(p), read_only=read_only, config={"memory_limit": memory_limit} if memory_limit else {})
     except duckdb.Error as e:
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():
@@ -79,7 +85,7 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
 
     if not _IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
-    con = connect(db_path)
+    con = connect(db_path, memory_limit=LOAD_MEMORY_LIMIT)
     try:
         src = f"read_parquet({_sql_str(str(parquet_path))})"
         con.execute("BEGIN TRANSACTION")

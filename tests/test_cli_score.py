@@ -209,3 +209,26 @@ def test_real_subprocess(tiny_model_dir, toy_parquet, tmp_path):
     assert pq.read_metadata(out).num_rows == 12
     bad = subprocess.run([str(exe), "score", str(tmp_path / "missing.parquet")], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.strip() == f"Error: {tmp_path / 'missing.parquet'}: no such file"
+
+
+def test_duckdb_load_runs_under_a_memory_limit(tmp_path, monkeypatch):
+    """DuckDB keeps written blocks until its memory limit (default 80 % of RAM), so an unbounded load grows
+    with the row count; the load connection is capped (SAFT_GX_DUCKDB_MEMORY_LIMIT) and the data still lands."""
+    import pandas as pd
+
+    from saft_gx import store
+
+    seen = []
+    real_connect = store.connect
+
+    def spy(*args, **kwargs):
+        con = real_connect(*args, **kwargs)
+        seen.append(con.execute("SELECT current_setting('memory_limit')").fetchone()[0])
+        return con
+
+    monkeypatch.setattr(store, "connect", spy)
+    monkeypatch.setattr(store, "LOAD_MEMORY_LIMIT", "48MB")
+    src = tmp_path / "scored.parquet"
+    pd.DataFrame({"row_id": range(5000), "text": ["x" * 200] * 5000, "detector_id": "d"}).to_parquet(src)
+    assert store.store_scored_parquet(tmp_path / "s.duckdb", "t", src, detector_id="d", run={}) == 5000
+    assert seen and seen[0].startswith("4") and "MiB" in seen[0]  # 48 MB = 45.7 MiB, DuckDB's notation
