@@ -58,14 +58,15 @@ PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), 
                     ("A10", 125.0))
 
 
-def synthetic_frame(n: int, seed: int = 0, prompt_words: float = 30.0, response_words: float = 150.0):
-    """Prompt/response rows of varied, chat-log-like length (log-normal word counts), every row distinct."""
+def synthetic_frame(n: int, seed: int = 0, prompt_words: float = 30.0, response_words: float = 150.0,
+                    max_prompt_words: int = 600, max_response_words: int = 900):
+    """Prompt/response rows of varied, chat-log-like length (log-normal word counts, capped), every row distinct."""
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     words = np.array(WORDS)
-    pw = np.clip(rng.lognormal(np.log(prompt_words), 0.7, n), 3, 600).astype(int)
-    rw = np.clip(rng.lognormal(np.log(response_words), 0.8, n), 2, 900).astype(int)
+    pw = np.clip(rng.lognormal(np.log(prompt_words), 0.7, n), 3, max_prompt_words).astype(int)
+    rw = np.clip(rng.lognormal(np.log(response_words), 0.8, n), 2, max_response_words).astype(int)
     return pd.DataFrame({
         "prompt": [" ".join(rng.choice(words, k)) + f" (#{i})" for i, k in enumerate(pw)],
         "response": [" ".join(rng.choice(words, k)) for k in rw],
