@@ -329,3 +329,23 @@ def test_import_saft_gx_registers_the_plugin_once_gx_is_imported():
             f"g('{BELOW}'); g('{FRACTION}'); print('registered')")
     out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "registered" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind, kwargs, message", [
+    ("fraction", dict(max_fraction=1.5), "max_fraction=1.5: must be between 0 and 1"),
+    ("fraction", dict(max_fraction=0.1, layer=2, token="middle"), "token='middle': choose one of last, prompt-end, mean"),
+    ("below", dict(contamination=0.1, layer=0), "layer=0: must be a positive integer"),
+    ("below", dict(threshold=1.0, contamination=0.1), "give only one of threshold, remove_fraction, contamination"),
+    ("below", dict(contamination=2.0), "contamination=2.0: must be between 0 and 1"),
+])
+def test_bad_settings_fail_when_the_expectation_is_built(kind, kwargs, message):
+    """Both expectations check their SAFT settings at construction (one shared validator), so a bad suite
+    fails when it is loaded, with the reason, before any model is run."""
+    from saft_gx.gx.expect_column_harm_flag_fraction_to_be_at_most import ExpectColumnHarmFlagFractionToBeAtMost
+    from saft_gx.gx.expect_column_values_harm_score_to_be_below import ExpectColumnValuesHarmScoreToBeBelow
+
+    cls = ExpectColumnHarmFlagFractionToBeAtMost if kind == "fraction" else ExpectColumnValuesHarmScoreToBeBelow
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls(column="prompt", **kwargs)
+    ok = dict(max_fraction=0.1) if kind == "fraction" else dict(contamination=0.1)
+    cls(column="prompt", **ok)  # and good settings pass

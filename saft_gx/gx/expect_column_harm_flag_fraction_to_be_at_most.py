@@ -18,7 +18,7 @@ from great_expectations.expectations.metrics.metric_provider import MetricProvid
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
-from .scoring import DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, check_settings, row_scores_dependency
+from .scoring import DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, row_scores_dependency
 
 FLAGGED_FRACTION = "saft.harm_score.flagged_fraction"
 AGG_KEYS = (*EMBED_KEYS, "threshold")
@@ -72,18 +72,11 @@ class ExpectColumnHarmFlagFractionToBeAtMost(_render.SaftRenderers, SaftFields, 
     class Config:
         title = "Expect column harm flag fraction to be at most"
 
-    @pydantic.root_validator(skip_on_failure=True)
-    def _check_saft_settings(cls, values: dict) -> dict:
-        from ..errors import SaftError
-
-        mf = values.get("max_fraction")
+    @pydantic.validator("max_fraction")
+    def _check_max_fraction(cls, mf: Any) -> Any:
         if isinstance(mf, (int, float)) and not 0.0 <= mf <= 1.0:
             raise ValueError(f"max_fraction={mf}: must be between 0 and 1")
-        try:
-            check_settings(values)
-        except SaftError as e:
-            raise ValueError(str(e)) from None
-        return values
+        return mf
 
     @override
     def _validate(self, metrics: Dict, runtime_configuration: Optional[dict] = None,

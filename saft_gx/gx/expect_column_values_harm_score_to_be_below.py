@@ -23,7 +23,7 @@ from great_expectations.expectations.metrics.map_metric_provider import (
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
-from .scoring import ROW_SCORES, SAFT_KEYS, SaftFields, ScoredRows, check_settings, row_scores_dependency
+from .scoring import ROW_SCORES, SAFT_KEYS, SaftFields, ScoredRows, row_scores_dependency
 
 
 def _aligned(values: pd.Series, column: pd.Series) -> pd.Series:
@@ -94,16 +94,6 @@ class ExpectColumnValuesHarmScoreToBeBelow(_render.SaftRenderers, SaftFields, Co
 
     class Config:
         title = "Expect column values harm score to be below"
-
-    @pydantic.root_validator(skip_on_failure=True)
-    def _check_saft_settings(cls, values: dict) -> dict:
-        from ..errors import SaftError
-
-        try:
-            check_settings(values)
-        except SaftError as e:
-            raise ValueError(str(e)) from None
-        return values
 
     @override
     def get_validation_dependencies(self, execution_engine: Optional[ExecutionEngine] = None,

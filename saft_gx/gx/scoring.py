@@ -46,6 +46,15 @@ class SaftFields(pydantic.BaseModel):
     device: Optional[str] = pydantic.Field(None, description="auto (CUDA when available, else CPU), cpu, cuda:1 ...")
     k: Optional[int] = pydantic.Field(None, description="Top singular directions when fitting on the batch.")
 
+    @pydantic.root_validator(skip_on_failure=True)
+    def _check_saft_settings(cls, values: dict) -> dict:
+        """Bad settings fail when the expectation is built (a clear message), not in the middle of a run."""
+        try:
+            check_settings(values)
+        except SaftError as e:
+            raise ValueError(str(e)) from None
+        return values
+
 
 @dataclass(frozen=True)
 class ScoredRows:
@@ -122,6 +131,14 @@ def check_settings(kw: Dict[str, Any]) -> None:
         raise SaftError(f"k={k!r}: must be a positive integer")
     if kw.get("overlong") not in (None, "error", "truncate"):
         raise SaftError(f"overlong={kw.get('overlong')!r}: choose error or truncate")
+    from ..embed import TOKEN_POSITIONS
+
+    if kw.get("token") not in (None, *TOKEN_POSITIONS):
+        raise SaftError(f"token={kw.get('token')!r}: choose one of {', '.join(TOKEN_POSITIONS)}")
+    for name in ("layer", "max_tokens"):
+        v = kw.get(name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise SaftError(f"{name}={v!r}: must be a positive integer")
 
 
 def load_detector(path: Any) -> Any:
