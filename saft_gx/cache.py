@@ -10,6 +10,7 @@ the cache can be far larger than RAM. Only ``np.load(allow_pickle=False)`` is ev
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
@@ -88,6 +89,8 @@ class LayerCache:
         self._runs: list[_Run] | None = None
         self._shards: list[Path] = []
         self._open: OrderedDict[tuple[int, str], np.ndarray] = OrderedDict()
+        # the pipeline looks keys up in a tokenizer thread while the main thread puts and gets
+        self._lock = threading.RLock()
 
     def _index(self) -> list[_Run]:
         if self._runs is None:
@@ -150,14 +153,16 @@ class LayerCache:
 
     def __len__(self) -> int:
         """Distinct keys (reads every keys file: for tests and diagnostics)."""
-        self._index()
+        with self._lock:
+            self._index()
         if not self._shards:
             return 0
         every = np.concatenate([np.load(p, allow_pickle=False) for p in self._shards])
         return len(np.unique(every.view("V32").reshape(len(every))))
 
     def contains(self, keys: Sequence[str]) -> np.ndarray:
-        return self._locate(keys)[0] >= 0
+        with self._lock:
+            return self._locate(keys)[0] >= 0
 
     def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
         if len(keys) == 0:
@@ -172,15 +177,17 @@ class LayerCache:
         digests = _digests(keys)
         atomic_write(emb_path, lambda p: _save_npy(p, vectors.astype(np.float16)))
         atomic_write(keys_path, lambda p: _save_npy(p, digests))
-        if self._runs is not None:
-            self._add_shard(keys_path, digests)
+        with self._lock:
+            if self._runs is not None:
+                self._add_shard(keys_path, digests)
 
     def get(self, keys: Sequence[str]) -> np.ndarray:
         """float32 (n, d) for keys that are all present (KeyError otherwise)."""
-        shard, row = self._locate(keys)
-        if (shard < 0).any():
-            raise KeyError(keys[int(np.flatnonzero(shard < 0)[0])])
-        return self._gather("emb", shard, row, np.empty((len(keys), self.dim), dtype=np.float32))
+        with self._lock:
+            shard, row = self._locate(keys)
+            if (shard < 0).any():
+                raise KeyError(keys[int(np.flatnonzero(shard < 0)[0])])
+            return self._gather("emb", shard, row, np.empty((len(keys), self.dim), dtype=np.float32))
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

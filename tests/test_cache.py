@@ -88,3 +88,47 @@ def test_keys_sharing_their_first_8_bytes_are_told_apart(tmp_path):
     fresh = EmbeddingCache(tmp_path, model_fingerprint="f" * 64, token="last", max_tokens=10, overlong="error", dim=2)
     np.testing.assert_array_equal(fresh.layer(0).get(same)[:, 0], np.arange(6))
     assert len(fresh.layer(0)) == 6
+
+
+def test_lookups_in_another_thread_while_putting(tmp_path, monkeypatch):
+    """The pipeline looks keys up in its tokenizer thread while the main thread puts and gets. Here the main
+    thread evicts a memory map exactly between the lookup thread's "is it open?" and its use of it (the
+    interleaving is forced, not hoped for): without the cache's lock that raised KeyError in the thread."""
+    import threading
+    from collections import OrderedDict
+
+    from saft_gx.cache import LayerCache
+
+    monkeypatch.setattr(LayerCache, "MAX_OPEN_SHARDS", 1)
+    c = EmbeddingCache(tmp_path, model_fingerprint="f" * 64, token="last", max_tokens=10, overlong="error", dim=2)
+    lc = c.layer(1)
+    a, b = [f"{i:064x}" for i in range(4)], [f"{i:064x}" for i in range(4, 8)]
+    lc.contains([])
+    lc.put(a, np.zeros((4, 2)))
+    assert lc.contains(a).all()  # shard a's keys are now the one open map
+    paused, evicted, errors = threading.Event(), threading.Event(), []
+
+    class PauseAfterMembershipCheck(OrderedDict):
+        def __contains__(self, key):
+            hit = super().__contains__(key)
+            if hit and threading.current_thread() is reader and not paused.is_set():
+                paused.set()
+                evicted.wait(timeout=1)  # with the lock, the main thread cannot evict until this lookup ends
+            return hit
+
+    lc._open = PauseAfterMembershipCheck(lc._open)
+
+    def lookup() -> None:
+        try:
+            assert lc.contains(a).all()
+        except Exception as e:  # noqa: BLE001 - any failure in the thread is the finding
+            errors.append(repr(e))
+
+    reader = threading.Thread(target=lookup)
+    reader.start()
+    assert paused.wait(timeout=5)
+    lc.put(b, np.ones((4, 2)))
+    np.testing.assert_array_equal(lc.get(b), np.ones((4, 2)))  # opens shard b's maps, evicting shard a's
+    evicted.set()
+    reader.join()
+    assert errors == []
