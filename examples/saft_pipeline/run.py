@@ -195,7 +195,7 @@ def table(results: dict, runs: dict[str, dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work-dir", default=str(ROOT / "examples" / "saft_pipeline" / "work"))
+    ap.add_argument("--work-dir", default=str(ROOT / "examples" / "saft_pipeline" / "output"))
     ap.add_argument("--data-dir", default=str(ROOT / "data_src"))
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     ap.add_argument("--benign", type=int, default=84, help="benign rows in the contaminated set")
