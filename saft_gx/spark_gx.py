@@ -31,8 +31,8 @@ from .anchors import USE_ANCHORS, fit_default
 from .errors import SaftError
 from .gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
 from .gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
-from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, embed_options,
-                         load_detector, threshold_rule)
+from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
+                         embed_options, load_detector, threshold_rule)
 from .pipeline import EmbedOptions
 from .rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
 from .spark_engine import (_anchor_vectors, _embed_fn, _executor_session, _score_fn, _stats_tree_aggregate, _worker_errors,
@@ -62,11 +62,7 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
     from pyspark.sql import functions as F
     from pyspark.sql.types import LongType
 
-    if column not in sdf.columns:
-        raise SaftError(f"column {column!r} not found; the data has: {', '.join(sdf.columns)}")
-    response = kw.get("response_column")
-    if response is not None and response not in sdf.columns:
-        raise SaftError(f"response_column {response!r} not found; the data has: {', '.join(sdf.columns)}")
+    response = domain_columns(sdf.columns, column, kw)
     rule = threshold_rule(kw)
     det = load_detector(kw["detector"]) if kw.get("detector") is not None else None
     cols = column_options(column, response, _is_messages(sdf, column))

@@ -149,15 +149,22 @@ def load_detector(path: Any) -> Any:
     return Detector.load(str(path))
 
 
+def domain_columns(names: list[Any], column: str, kw: Dict[str, Any]) -> Optional[str]:
+    """Check the expectation's column (and ``response_column``) exist in the batch; returns the response column."""
+    have = ", ".join(map(str, names))
+    if column not in names:
+        raise SaftError(f"column {column!r} not found; the data has: {have}")
+    response = kw.get("response_column")
+    if response is not None and response not in names:
+        raise SaftError(f"response_column {response!r} not found; the data has: {have}")
+    return response
+
+
 def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
     """Harm scores of every row of ``df`` (the expectation's domain) and τ. Raises SaftError on bad input."""
     from .. import pipeline
 
-    if column not in df.columns:
-        raise SaftError(f"column {column!r} not found; the data has: {', '.join(map(str, df.columns))}")
-    response = kw.get("response_column")
-    if response is not None and response not in df.columns:
-        raise SaftError(f"response_column {response!r} not found; the data has: {', '.join(map(str, df.columns))}")
+    response = domain_columns(list(df.columns), column, kw)
     if len(df) == 0:
         raise SaftError("no rows to score: the batch (after any row_condition) is empty")
     rule = threshold_rule(kw)
