@@ -29,7 +29,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "saft_gx"
 
 
-def _digests(keys: Sequence[str]) -> np.ndarray:
+def key_digests(keys: Sequence[str]) -> np.ndarray:
     """Hex sha256 keys → (n, 32) uint8 digests."""
     return np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(len(keys), 32)
 
@@ -131,7 +131,7 @@ class LayerCache:
 
     def _locate(self, keys: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(shard, row) per key; shard −1 where the key is absent. Older runs and entries win."""
-        q = _digests(keys)
+        q = key_digests(keys)
         qp = _prefix(q)
         shard = np.full(len(q), -1, dtype=np.int32)
         row = np.zeros(len(q), dtype=np.int32)
@@ -174,7 +174,7 @@ class LayerCache:
         sid = uuid.uuid4().hex
         emb_path = self.folder / f"{sid}.emb.npy"
         keys_path = self.folder / f"{sid}.keys.npy"
-        digests = _digests(keys)
+        digests = key_digests(keys)
         atomic_write(emb_path, lambda p: _save_npy(p, vectors.astype(np.float16)))
         atomic_write(keys_path, lambda p: _save_npy(p, digests))
         with self._lock:

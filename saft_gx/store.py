@@ -20,7 +20,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # DuckDB's buffer pool keeps the blocks it writes until its memory limit (default: 80 % of RAM), so loading
 # n rows grew the resident set with n (+400 MiB at 1 M rows). A fixed limit makes it write through / spill:
-# loads stay flat (+77 MiB at 1 M rows with 64 MB) at the cost of a few seconds.
+# with 128MB a 1 M-row load adds ~75 MiB (tests/bench/memory.py) at the cost of a few seconds.
 LOAD_MEMORY_LIMIT = os.environ.get("SAFT_GX_DUCKDB_MEMORY_LIMIT", "128MB")
 
 

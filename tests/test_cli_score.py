@@ -232,3 +232,22 @@ def test_duckdb_load_runs_under_a_memory_limit(tmp_path, monkeypatch):
     pd.DataFrame({"row_id": range(5000), "text": ["x" * 200] * 5000, "detector_id": "d"}).to_parquet(src)
     assert store.store_scored_parquet(tmp_path / "s.duckdb", "t", src, detector_id="d", run={}) == 5000
     assert seen and seen[0].startswith("4") and "MiB" in seen[0]  # 48 MB = 45.7 MiB, DuckDB's notation
+
+
+@pytest.mark.parametrize("scored_rows", [8, 14])
+def test_input_that_changed_between_passes_is_refused(toy_parquet, tmp_path, scored_rows):
+    """Pass 3 re-reads the input; if it now has more or fewer rows than pass 2 scored, nothing is written."""
+    import tempfile
+
+    import numpy as np
+
+    from saft_gx.errors import SaftError
+    from saft_gx.pipeline import write_scored
+    from saft_gx.readers import open_dataset
+
+    out = tmp_path / "scored.parquet"
+    with tempfile.TemporaryFile() as digests:
+        digests.write(bytes(32 * scored_rows))
+        with pytest.raises(SaftError, match="changed while it was being scored"):
+            write_scored(open_dataset(toy_parquet), out, np.zeros(scored_rows), np.zeros(scored_rows, bool), digests, "d")
+    assert not out.exists() and list(tmp_path.glob(".scored.parquet.*")) == []
