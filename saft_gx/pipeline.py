@@ -41,6 +41,15 @@ DEFAULT_MAX_TOKENS = 1024
 
 OUTPUT_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")
 
+
+def refuse_reserved_columns(columns: list[str]) -> None:
+    """The scored output appends OUTPUT_COLUMNS; an input column of the same name (DuckDB: any case) would
+    be lost, so it is an error, before any work."""
+    clash = [c for c in columns if str(c).lower() in OUTPUT_COLUMNS]
+    if clash:
+        raise SaftError(f"the input has column(s) {', '.join(map(repr, clash))}, which saft_gx writes "
+                        f"({', '.join(OUTPUT_COLUMNS)}); rename or drop them first (nothing was written)")
+
 Progress = Callable[[int], None]
 
 
@@ -333,6 +342,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     detector, fit one on the very rows being scored (unsupervised, as in the paper)."""
     t0 = time.perf_counter()
     ds = open_dataset(path)
+    refuse_reserved_columns(ds.columns)
     if shard is not None:
         ds = shard_dataset(ds, shard)
     spec = columns.resolve(ds)

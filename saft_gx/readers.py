@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +33,10 @@ class Dataset:
         except SaftError:
             raise
         except Exception as e:  # a file that breaks half way through
+            if self.fmt == "jsonl":  # pandas reads a chunk at a time: name the line, not the chunk's start
+                bad = _bad_json_line(self.path)
+                if bad:
+                    raise SaftError(f"{self.path}: {bad}") from None
             raise SaftError(f"{self.path}: unreadable after row {start} ({_first_line(e)})") from None
 
     def _frames(self, columns: list[str] | None, batch_rows: int) -> Iterator[pd.DataFrame]:
@@ -53,8 +58,42 @@ class Dataset:
         if self.fmt == "parquet":
             yield from open_parquet(self.path).iter_batches(batch_size=batch_rows)
             return
-        for _, df in self.frames(batch_rows=batch_rows):
-            yield pa.RecordBatch.from_pandas(df, preserve_index=False)
+        schema = self.arrow_schema
+        for first, df in self.frames(batch_rows=batch_rows):
+            yield _conform(self._to_arrow(first, df), schema, self.path, first)
+
+    @cached_property
+    def arrow_schema(self) -> Any:
+        """One schema for every chunk of a csv / jsonl file, unified over the whole file (a column empty until
+        row 4,097, or int then float, is not typed by its first chunk); a column whose types cannot be
+        unified is a one-line error naming it. For parquet: the file's schema."""
+        import pyarrow as pa
+
+        if self.fmt == "parquet":
+            return open_parquet(self.path).schema_arrow
+        seen: dict[str, list] = {}
+        for first, df in self.frames():
+            for f in self._to_arrow(first, df).schema:
+                types = seen.setdefault(f.name, [])
+                if f.type not in types:
+                    types.append(f.type)
+        fields = []
+        for name, types in seen.items():
+            try:
+                fields.append(pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
+                                               promote_options="permissive").field(name))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                raise SaftError(f"{self.path}: column {name!r} holds values of different types "
+                                f"({', '.join(map(str, types))}); make them one type") from None
+        return pa.schema(fields)
+
+    def _to_arrow(self, first: int, df: pd.DataFrame) -> Any:
+        import pyarrow as pa
+
+        try:
+            return pa.RecordBatch.from_pandas(df, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise SaftError(f"{self.path}: rows {first}..{first + len(df) - 1}: {_first_line(e)}") from None
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -71,6 +110,40 @@ def open_parquet(path: str | Path) -> Any:
     import pyarrow.parquet as pq
 
     return pq.ParquetFile(path, pre_buffer=False)
+
+
+def _conform(batch: Any, schema: Any, path: Path, first: int) -> Any:
+    """``batch`` with ``schema``'s columns and types (a column missing from this chunk is null)."""
+    import pyarrow as pa
+
+    cols = []
+    for f in schema:
+        if f.name not in batch.schema.names:
+            cols.append(pa.nulls(batch.num_rows, f.type))
+            continue
+        try:
+            cols.append(batch.column(f.name).cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise SaftError(f"{path}: column {f.name!r}, rows {first}..{first + batch.num_rows - 1}: "
+                            f"cannot be {f.type} ({_first_line(e)})") from None
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """Where a jsonl file first stops being one JSON object a line, or None."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError as e:
+                return f"line {n} is not valid JSON ({_first_line(e)})"
+            if not isinstance(value, dict):
+                return f"line {n} is not a JSON object"
+    return None
 
 
 def _first_line(e: BaseException) -> str:

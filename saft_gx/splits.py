@@ -2,9 +2,11 @@
 
 The source is a scored parquet file (``saft-gx score --out``) or a DuckDB table (``saft-gx score --db``).
 The output folder gets ``kept.parquet``, ``removed.parquet`` (with a ``removal_reason`` per row) and
-``manifest.json`` (counts, τ and how it was chosen, detector id, source hash, creation time). The folder
-is written beside its final place and renamed into it, so a killed run leaves either the old folder or
-the complete new one, never a half-written mix. Rows stream through in batches.
+``manifest.json`` (counts, τ and how it was chosen, detector id, source hash, creation time, the files'
+hashes). The files are written into a hidden temp folder inside the output folder and renamed into place,
+the old manifest removed first and the new one renamed last: a folder with a manifest holds one run's
+complete files. ``--force`` replaces these three files only; nothing else in the folder is touched, and a
+folder holding the source is refused. Rows stream through in batches.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import SaftError
+from .outputs import _HOST, clean_stale_temps
 from .readers import open_parquet
 from .threshold import ThresholdRule, resolve
 
@@ -122,6 +125,7 @@ def open_scored_table(db: str | Path, table: str, detector_id: str | None = None
     try:
         tables = [r[0] for r in con.execute(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = 'main'").fetchall()]
+        table = next((t for t in tables if t.lower() == table.lower()), table)  # DuckDB names ignore case
         if table not in tables:
             data_tables = [t for t in tables if not t.startswith("saft_")]
             raise SaftError(f"{db}: no table {table!r} (tables: {', '.join(data_tables) or 'none'})")
@@ -178,31 +182,33 @@ class SplitResult:
         return self.out_dir / REMOVED
 
 
-def check_out_dir(out_dir: Path, force: bool, source: Path | None = None) -> None:
+OWN_FILES = (KEPT, REMOVED, MANIFEST)
+
+
+def _contents(out_dir: Path) -> list[Path]:
+    """What is in ``out_dir``, less saft_gx temp folders (a live run's, or a killed one's)."""
+    return [p for p in out_dir.iterdir() if not p.name.startswith(".saft-")]
+
+
+def check_out_dir(out_dir: Path, force: bool, source: Path | None = None, *, sources: tuple[Path, ...] = ()) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise SaftError(f"--out-dir {out_dir}: exists and is not a folder")
-    if source is not None and out_dir.resolve() in source.resolve().parents:
-        raise SaftError(f"--out-dir {out_dir}: holds the source {source.name}; choose another folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise SaftError(f"--out-dir {out_dir}: exists and is not empty; pass --force to replace it")
+    for src in (source, *sources):
+        if src is not None and out_dir.resolve() in src.resolve().parents:
+            raise SaftError(f"--out-dir {out_dir}: holds the source {src.name}; choose another folder")
+    if out_dir.is_dir() and _contents(out_dir) and not force:
+        raise SaftError(f"--out-dir {out_dir}: exists and is not empty; pass --force to replace its "
+                        f"{', '.join(OWN_FILES)}")
+    for name in OWN_FILES:
+        if (out_dir / name).is_dir():
+            raise SaftError(f"--out-dir {out_dir}: {name} there is a folder; remove it or choose another folder")
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:
-    """Put the finished folder ``tmp`` at ``out_dir``, replacing what is there."""
-    if out_dir.exists():
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        else:
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-            os.replace(out_dir, old / "x")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(old / "x", out_dir)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-            return
-    os.replace(tmp, out_dir)
+    """Rename the finished files in ``tmp`` (a folder inside ``out_dir``) over saft_gx's own files there."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # until the new one lands, the folder reads as incomplete
+    for name in (KEPT, REMOVED, MANIFEST):
+        os.replace(tmp / name, out_dir / name)
 
 
 def _write_parquet(writer_path: Path, schema: Any) -> Any:
@@ -220,7 +226,7 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
     from . import __version__
 
     out = Path(out_dir)
-    check_out_dir(out, force, src.path if src.kind == "parquet" else None)
+    check_out_dir(out, force, src.path)
     scores = src.scores
     if rule is None:
         flags = src.flags
@@ -235,9 +241,12 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
         raise SaftError(f"all {n} rows would be removed ({rule_text}, τ = {tau}); nothing would be left to "
                         "fine-tune on — raise --threshold or lower --remove-fraction")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".saft-{_HOST}-{os.getpid()}-split-"))
     writers: dict[str, Any] = {}
+    published = False
     try:
         start = 0
         for batch in src.batches():
@@ -277,11 +286,14 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
         _write_manifest(tmp / MANIFEST, manifest)
         check_out_dir(out, force)  # another process may have written it meanwhile
         _publish(tmp, out)
+        published = True
     finally:
         for w in writers.values():
             w.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        if created and not published and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     return SplitResult(out, n, n - n_removed, n_removed, tau, rule_text, manifest)
 
 
@@ -297,7 +309,7 @@ def filter_scored(source: str | Path | None, out_dir: str | Path, *, rule: Thres
         raise SaftError("give a scored parquet file, or --db and --table, not both")
     if source is None and (db is None or table is None):
         raise SaftError("give a scored parquet file, or --db and --table")
-    check_out_dir(Path(out_dir), force, Path(source) if source else None)
+    check_out_dir(Path(out_dir), force, Path(source) if source else None, sources=(Path(db),) if db else ())
     if source is not None:
         src = open_scored_parquet(source, detector_id)
     else:

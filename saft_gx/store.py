@@ -48,14 +48,47 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def connect(db_path: str | Path, *, read_only: bool = False, memory_limit: str | None = None) -> Any:
+# Query connections read this one database and nothing else: no files, no network, no extensions, and a
+# statement cannot turn that back on. ``allow_files`` re-enables reading files (see ``query_all``).
+QUERY_CONFIG = {"enable_external_access": False, "autoload_known_extensions": False,
+                "autoinstall_known_extensions": False, "lock_configuration": True}
+
+
+def check_database_file(db_path: str | Path) -> None:
+    """A path that exists must be a DuckDB file: DuckDB itself opens e.g. a parquet as an in-memory
+    database, so writes to it would vanish."""
+    p = Path(db_path)
+    if p.is_dir():
+        raise SaftError(f"{p}: is a folder, not a DuckDB database")
+    if p.exists():
+        with open(p, "rb") as f:
+            head = f.read(12)
+        if head[8:12] != b"DUCK":  # DuckDB's magic bytes follow an 8-byte checksum
+            raise SaftError(f"{p}: not a DuckDB database; give a .duckdb file or a new path")
+
+
+def check_writable(db_path: str | Path) -> None:
+    """Before any work: the database can be opened for writing now (not another file type, not locked).
+    A database that does not exist yet is not created here."""
+    check_database_file(db_path)
+    p = Path(db_path)
+    if p.exists():
+        connect(p).close()
+    elif not os.access(p.resolve().parent if p.resolve().parent.exists() else Path.cwd(), os.W_OK):
+        raise SaftError(f"{p}: cannot create the database there (no write permission)")
+
+
+def connect(db_path: str | Path, *, read_only: bool = False, memory_limit: str | None = None,
+            config: dict[str, Any] | None = None) -> Any:
     import duckdb
 
     p = Path(db_path)
     if read_only and not p.exists():
         raise SaftError(f"{p}: no such database")
+    check_database_file(p)
+    cfg = {**({"memory_limit": memory_limit} if memory_limit else {}), **(config or {})}
     try:
-        return duckdb.connect(str(p), read_only=read_only, config={"memory_limit": memory_limit} if memory_limit else {})
+        return duckdb.connect(str(p), read_only=read_only, config=cfg)
     except duckdb.Error as e:
         msg = str(e).splitlines()[0]
         if "lock" in msg.lower():
@@ -91,8 +124,9 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
         con.execute("BEGIN TRANSACTION")
         migrate(con)
         exists = con.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_name = ? AND table_schema = 'main'", [table]
-        ).fetchone()[0]
+            # DuckDB names are case-insensitive: BASE20 is the table base20
+            "SELECT count(*) FROM information_schema.tables WHERE lower(table_name) = lower(?) AND table_schema = 'main'",
+            [table]).fetchone()[0]
         new_cols = _columns(con, f"SELECT * FROM {src}")
         if exists:
             old_cols = _columns(con, quote(table))
@@ -142,13 +176,36 @@ def _diff(old: list[tuple[str, str]], new: list[tuple[str, str]]) -> str:
     return ", ".join(parts[:4]) or "column order differs"
 
 
+# Statements that only read. With files allowed, anything else could write or attach them.
+_READING = ("SELECT", "EXPLAIN", "PRAGMA", "CALL")
+
+
 def query(db_path: str | Path, sql: str) -> Any:
-    """Run ``sql`` on a read-only connection and return a pandas DataFrame."""
+    """Run ``sql`` (one statement) on a read-only, sealed connection and return a pandas DataFrame."""
+    frames = query_all(db_path, sql)
+    if len(frames) != 1:
+        raise SaftError(f"query: expected one statement, got {len(frames)}")
+    return frames[0]
+
+
+def query_all(db_path: str | Path, sql: str, *, allow_files: bool = False) -> list[Any]:
+    """Run each statement of ``sql`` on a read-only connection that sees this database only (``QUERY_CONFIG``);
+    one pandas DataFrame per statement. ``allow_files``: reading files (``read_csv`` …) is allowed, and only
+    reading statements run."""
     import duckdb
 
-    con = connect(db_path, read_only=True)
+    config = {**QUERY_CONFIG, **({"enable_external_access": True} if allow_files else {})}
+    con = connect(db_path, read_only=True, config=config)
     try:
-        return con.execute(sql).df()
+        statements = con.extract_statements(sql)
+        if not statements:
+            raise SaftError("query: no SQL statement given")
+        if allow_files:
+            for st in statements:
+                kind = str(st.type).rsplit(".", 1)[-1]
+                if kind not in _READING:
+                    raise SaftError(f"query: {kind} statements are refused with --allow-files (reading only)")
+        return [con.execute(st).df() for st in statements]
     except duckdb.Error as e:
         raise SaftError(f"query failed: {str(e).splitlines()[0]}") from None
     finally:

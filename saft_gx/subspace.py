@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SaftError
+from .outputs import file_mode
 
 WEIGHTINGS = ("none", "sigma", "whiten")
 FORMS = ("squared", "linear")
@@ -186,7 +187,8 @@ class Detector:
 
     @property
     def detector_id(self) -> str:
-        """Content hash of tensors and scoring settings: equal ids score identically."""
+        """Content hash of tensors and scoring settings: equal ids score identically. τ is not part of it:
+        re-thresholding the same detector gives the same id, so its stored rows are replaced, not doubled."""
         h = hashlib.sha256()
         for a in (self.mean, self.components, self.singular_values):
             h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
@@ -195,7 +197,6 @@ class Detector:
         ident = {
             "weighting": self.weighting,
             "orientation": self.orientation,
-            "threshold": self.threshold,
             **{k: self.meta.get(k) for k in ("model_fingerprint", "layer", "token", "max_tokens", "overlong")},
         }
         if self.form != "squared":
@@ -267,6 +268,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would outlive the rename
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -57,8 +57,14 @@ def test_rescore_replaces_rows_and_hits_cache(run, toy_parquet, tmp_path):
     assert con.execute("select count(*), count(distinct row_id) from toy").fetchone() == (12, 12)
     assert con.execute("select count(*) from saft_runs").fetchone()[0] == 2
     con.close()
-    # a different detector (other threshold) adds its own rows, keyed by detector_id
+    # the same detector with another threshold replaces its rows (τ is not part of detector_id) ...
     assert run("score", str(toy_parquet), "--db", str(db), "--threshold", "0").exit_code == 0
+    con = duckdb.connect(str(db), read_only=True)
+    assert con.execute("select count(distinct detector_id), count(*), count(*) filter (harm_flag) from toy"
+                       ).fetchone() == (1, 12, 12)
+    con.close()
+    # ... another detector (other k) adds its own rows, keyed by detector_id
+    assert run("score", str(toy_parquet), "--db", str(db), "--k", "2").exit_code == 0
     con = duckdb.connect(str(db), read_only=True)
     assert con.execute("select count(distinct detector_id), count(*) from toy").fetchone() == (2, 24)
 

@@ -61,9 +61,9 @@ def test_save_load_roundtrip_without_pickle(tmp_path):
     np.testing.assert_array_equal(back.score(x), det.score(x))
 
 
-def test_detector_id_changes_with_threshold_and_layer():
+def test_detector_id_changes_with_layer_not_threshold():
     det = Detector.fit(MomentStats(12).update(_data()), k=1, meta={"layer": 3})
-    assert det.detector_id != det.with_(threshold=2.0).detector_id
+    assert det.detector_id == det.with_(threshold=2.0).detector_id  # τ is a setting of the run, not the detector
     assert det.detector_id != det.with_(meta={"layer": 4}).detector_id
 
 

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import click
 
-from .. import pipeline, store
+from .. import outputs, pipeline, store
 from ..errors import SaftError
 from ..anchors import DEFAULT_K as DEFAULT_ANCHOR_K
 from ..anchors import USE_ANCHORS, fit_with_session, session_anchor_vectors
@@ -29,6 +27,8 @@ shard_option = click.option(
     "--shard", callback=_parse_shard,
     help="i/n: only shard i (0-based) of n equal contiguous row ranges, for splitting one dataset over n machines.")
 
+DETECTOR_FILES = ("detector.json", "detector.safetensors")
+
 fit_options = stack_options(
     click.option("--k", "k", type=int, help=f"Number of top singular directions (default {pipeline.DEFAULT_K}; "
                  f"{DEFAULT_ANCHOR_K} with the built-in anchors)."),
@@ -41,7 +41,7 @@ fit_options = stack_options(
 
 
 @click.command()
-@click.argument("dataset", type=click.Path(dir_okay=False))
+@click.argument("dataset", type=click.Path())
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Folder to write the detector into.")
 @click.option("--stats-out", type=click.Path(file_okay=False),
               help="Also (or instead) save the fit statistics here, to merge shards with `saft-gx merge-stats`.")
@@ -58,6 +58,8 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
     eopts.anchors = anchors  # the default layer / token follow the mode
     if not output and not stats_out:
         raise SaftError("give -o/--output (the detector), --stats-out (statistics for merge-stats), or both")
+    outputs.refuse_overlaps({"DATASET": dataset}, {"--output": output}, folders={"--output": DETECTOR_FILES})
+    outputs.refuse_overlaps({"DATASET": dataset}, {"--stats-out": stats_out})  # may share --output's folder
     ds = open_dataset(dataset)
     spec = copts.resolve(ds)
     if shard is not None:
@@ -98,7 +100,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
 
 
 @click.command()
-@click.argument("dataset", type=click.Path(dir_okay=False))
+@click.argument("dataset", type=click.Path())
 @click.option("--detector", type=click.Path(), help="Score with a saved detector instead of fitting on DATASET.")
 @click.option("--db", default="saft.duckdb", show_default=True, type=click.Path(dir_okay=False),
               help="DuckDB file to store the scored rows in.")
@@ -132,17 +134,19 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     table = table or store.table_name_for(dataset)
     if not store._IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
+    # before any work: no output over an input or another output, and a database we can write now
+    outputs.refuse_overlaps({"DATASET": dataset, "--detector": detector},
+                            {"--db": None if no_db else db, "--out": out, "--save-detector": save_detector},
+                            folders={"--save-detector": DETECTOR_FILES, "--detector": DETECTOR_FILES})
     det = Detector.load(detector) if detector else None
     ds = open_dataset(dataset)
-    if out and Path(out).resolve() == Path(dataset).resolve():
-        raise SaftError("--out must not be the input file")
+    pipeline.refuse_reserved_columns(ds.columns)
+    if not no_db:
+        store.check_writable(db)
 
     # Write to a temp file beside the final output; it replaces --out only after the database took the
     # rows, so a failure anywhere leaves both the old output and the old database as they were.
-    tmp_dir = Path(out).resolve().parent if out else Path(db).resolve().parent
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_out = tempfile.mkstemp(suffix=".parquet", prefix=".saft-", dir=tmp_dir)
-    os.close(fd)
+    tmp_out = outputs.temp_file(Path(out).resolve().parent if out else Path(db).resolve().parent, ".parquet")
     bar = Progress(ds.num_rows, "embedding", quiet)
     try:
         if engine == "spark":
@@ -165,7 +169,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
                 "model": meta.get("model"), "model_fingerprint": meta.get("model_fingerprint"),
                 "layer": meta.get("layer"), "token": meta.get("token"), "k": result.detector.k})
         if out:
-            os.replace(tmp_out, out)
+            outputs.publish(tmp_out, out)
         if save_detector:
             result.detector.save(save_detector)
     finally:

@@ -7,9 +7,7 @@ imported only here, when the command runs.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +51,9 @@ def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None,
     opts = embed_options(kw)
     cols = column_options(kw["column"], kw.get("response_column"), is_messages_column(kw["column"], df[kw["column"]]))
     table = table or store.table_name_for(dataset)
-    fd, tmp = tempfile.mkstemp(suffix=".parquet", prefix=".saft-", dir=Path(db).resolve().parent)
-    os.close(fd)
+    from ..outputs import temp_file
+
+    tmp = temp_file(Path(db).resolve().parent, ".parquet")  # a killed run's temp is removed by the next
     try:
         res = pipeline.score_file(dataset, tmp, opts=opts, columns=cols, detector=det, k=int(kw["k"]) if kw.get("k") else None, rule=rule,
                                   session=pipeline.shared_session(opts, det))

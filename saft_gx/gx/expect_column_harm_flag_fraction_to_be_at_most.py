@@ -72,20 +72,35 @@ class ExpectColumnHarmFlagFractionToBeAtMost(_render.SaftRenderers, SaftFields, 
     class Config:
         title = "Expect column harm flag fraction to be at most"
 
+    @pydantic.validator("max_fraction", pre=True)
+    def _no_boolean(cls, mf: Any) -> Any:
+        if isinstance(mf, bool):  # before pydantic makes true 1.0
+            _fraction(mf)
+        return mf
+
     @pydantic.validator("max_fraction")
     def _check_max_fraction(cls, mf: Any) -> Any:
-        if isinstance(mf, (int, float)) and not 0.0 <= mf <= 1.0:
-            raise ValueError(f"max_fraction={mf}: must be between 0 and 1")
+        if isinstance(mf, (int, float)):  # a suite parameter is checked once it has a value (_validate)
+            _fraction(mf)
         return mf
 
     @override
     def _validate(self, metrics: Dict, runtime_configuration: Optional[dict] = None,
                   execution_engine: Optional[ExecutionEngine] = None):
         observed = metrics[FLAGGED_FRACTION]
-        max_fraction = float(self._get_success_kwarg("max_fraction"))
+        max_fraction = _fraction(self._get_success_kwarg("max_fraction"))
         details = {k: v for k, v in observed.items() if k != "fraction"}
         return {"success": observed["fraction"] <= max_fraction,
                 "result": {"observed_value": observed["fraction"], "details": details}}
+
+
+def _fraction(mf: Any) -> float:
+    """A number in [0, 1]. Not a boolean: JSON's true would otherwise read as 1.0, allowing every row."""
+    if isinstance(mf, bool) or not isinstance(mf, (int, float)):
+        raise ValueError(f"max_fraction={mf!r}: expected a number between 0 and 1")
+    if not 0.0 <= mf <= 1.0:
+        raise ValueError(f"max_fraction={mf}: must be between 0 and 1")
+    return float(mf)
 
 
 __all__ = ["ExpectColumnHarmFlagFractionToBeAtMost", "SaftFlaggedFraction"]

@@ -111,6 +111,8 @@ def threshold_rule(kw: Dict[str, Any]) -> Any:
     key, value = given[0]
     if isinstance(value, dict):  # a suite parameter, substituted before the metric runs
         raise SaftError(f"{key}={value}: the suite parameter was not given a value")
+    if isinstance(value, bool):  # float(True) would be 1.0
+        raise SaftError(f"{key}={value!r}: expected a number")
     try:
         value = float(value)
     except (TypeError, ValueError):
