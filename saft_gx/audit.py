@@ -2,22 +2,25 @@
 of the rows that ship, valid whatever the detector's quality (NumPy and SciPy only; no I/O).
 
 Design. The rows are cut into strata by score: the kept rows (score ≤ τ) at quantiles ``KEPT_QUANTILES``
-of their scores (far below τ ... just below τ), the removed rows at ``REMOVED_QUANTILES``. Each stratum h
-of N_h rows gets n_h draws without replacement: at least ``min_per_stratum``, a ``removed_share`` of the
-budget above τ, and the rest of the kept budget in proportion to sqrt(N_h). sqrt(N_h) minimises the sum of
-W_h · (3 / n_h), the bound when a stratum shows no harm, so small strata near τ get a higher inclusion
-probability than the large stratum far below it, and every stratum gets some.
+of their scores (far below τ ... just below τ), the removed rows at ``REMOVED_QUANTILES``; τ is an edge.
+Each stratum h of N_h rows gets n_h draws without replacement: at least ``MIN_PER_STRATUM``, a
+``REMOVED_SHARE`` of the budget above τ (where harm is likely; it makes recall and precision estimable),
+and the rest below τ in proportion to N_h, the stratum just below τ (the detector's near misses) counted
+twice. Proportional allocation below τ keeps the bound on the kept rows close to that of a simple random
+sample when no harm is found (the bound then grows with the largest N_h / n_h).
 
 Estimation. At the estimate's τ each stratum splits into a kept and a removed cell c (N_c rows, n_c of
 them labelled, x_c harmful); given n_c, the labelled rows of a cell are a simple random sample of it, so
-the cells can be bounded one by one even when τ is not a stratum edge. A cell's harmful rate p_c has the
-Clopper–Pearson "upper" distribution Beta(x_c + 1, n_c − x_c), whose quantile is the exact one-sided
-upper bound of that cell (and the "lower" Beta(x_c, n_c − x_c + 1)); a domain's rate is Σ N_c p_c / N_D,
-and its bound is the quantile of that sum under independent draws (the binomial analogue of Fay and
-Feuer's gamma interval for standardised rates). Zero harmful rows in a cell is no special case. A cell
-with no labelled row is bounded by [0, 1]; a fully labelled cell is known exactly. There is no proof that
-the convolution keeps the nominal level for every design: ``tests/bench/audit_coverage.py`` measures it by
-simulation (finite populations, sampling without replacement) and the test suite checks it.
+the cells can be combined even when τ is not a stratum edge. The harmful count of a domain, Σ N_c p_c, is
+a weighted sum of the cells' counts x_c with weights N_c / n_c; its bounds are Fay and Feuer's gamma
+interval for such sums (Stat. Med. 1997; the standard for age-adjusted rates), which treats x_c as Poisson
+— conservative for binomial and hypergeometric counts, whose variance is smaller — and stays valid with
+x_c = 0 (the upper bound then is the largest weight times the exact Poisson bound, 3.0 at 95 %). A fully
+labelled cell is known exactly; a cell with no labelled row counts as [0, all harmful]. Recall's bounds
+combine bounds on the removed and the kept harmful counts at 1 − α/2 each (a union bound).
+There is no closed proof that the gamma interval keeps its level for every design:
+``tests/bench/audit_coverage.py`` measures it by simulation (finite populations, sampling without
+replacement, the code below) and the test suite checks a few settings.
 
 ``upper`` is a one-sided upper bound at ``confidence``, ``lower`` a one-sided lower bound at
 ``confidence``; together they are a two-sided interval at 1 − 2 (1 − confidence).
@@ -25,7 +28,7 @@ simulation (finite populations, sampling without replacement) and the test suite
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -210,12 +213,10 @@ class Estimate:
     confidence: float
     labels: int
     harmful_labels: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name).to_dict() for name in ("kept", "removed", "all", "recall", "precision")}
-        return {**out, "confidence": self.confidence, "labels": self.labels, "harmful_labels": self.harmful_labels,
-                **self.extra}
+        return {**out, "confidence": self.confidence, "labels": self.labels, "harmful_labels": self.harmful_labels}
 
 
 def _r(x: float | None) -> float | None:
