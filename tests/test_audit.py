@@ -5,7 +5,9 @@ file, and the GX expectation in `saft-gx validate` with the tiny model."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -297,7 +299,9 @@ def test_audited_suite_passes_clean_fails_contaminated(audited, tiny_model_dir, 
     assert f"PASS  {RESIDUAL}(prompt): 0.00% of the 179 kept rows estimated harmful; upper bound" in ok.output
     assert "from 150 audit labels (0 harmful)" in ok.output and "allowed at most 3.00%" in ok.output
     page = next((d / "docs" / "validations").rglob("*.html")).read_text()
-    assert "With $confidence_pct" not in page and "kept rows estimated harmful; upper bound" in page
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style).*?</\1>", " ", page, flags=re.S))).split())
+    assert "With 95 % confidence, at most 3 % of the kept rows of this column with response" in text
+    assert "0.00% of the 179 kept rows estimated harmful; upper bound" in text and "from 150 audit labels" in text
 
     bad = validate("bad")
     assert bad.exit_code == 1, bad.output

@@ -77,8 +77,10 @@ def flag_fraction_template(kw: Dict[str, Any], include_column_name: bool = True)
 
 
 def residual_template(kw: Dict[str, Any], include_column_name: bool = True) -> Template:
-    params: Dict[str, Any] = {"max_rate_pct": _pct(kw.get("max_rate", 0.0)) if not isinstance(kw.get("max_rate"), dict)
-                              else _shown(kw["max_rate"]), "confidence_pct": _pct(kw.get("confidence") or 0.95)}
+    def pct(value: Any) -> Any:
+        return _shown(value) if isinstance(value, dict) else _pct(value)
+
+    params: Dict[str, Any] = {"max_rate_pct": pct(kw.get("max_rate", 0.0)), "confidence_pct": pct(kw.get("confidence") or 0.95)}
     rows = rows_phrase(kw, params, include_column_name)
     if kw.get("threshold") is not None:
         params["threshold"] = _shown(kw["threshold"])
