@@ -311,8 +311,12 @@ def largest_threshold(scores: np.ndarray, strata: Strata, labelled: np.ndarray, 
     qs = np.quantile(order, np.linspace(0, 1, grid + 1), method="lower")
     candidates = np.unique(np.concatenate([ls, below, edges, qs, order[-1:]]))[::-1]
     h_all, h_lab = strata.assign(scores), strata.assign(ls)
+    sizes = np.bincount(h_all, minlength=strata.count)
+    by_stratum = [np.sort(scores[h_all == h]) for h in range(strata.count)]  # kept rows per stratum by bisection
     for tau in candidates:
-        c = cells(h_all, scores <= tau, h_lab, ls <= tau, labels, strata.count)
+        kept_rows = np.array([np.searchsorted(v, tau, side="right") for v in by_stratum])
+        lab = cells(h_lab, ls <= tau, h_lab, ls <= tau, labels, strata.count)
+        c = Cells(np.stack([kept_rows, sizes - kept_rows], axis=1), lab.labelled, lab.harmful)
         est = estimate(c, confidence=confidence)
         if est.kept.rows and est.kept.upper <= max_rate:
             return float(tau), est
