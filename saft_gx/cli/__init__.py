@@ -30,9 +30,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from . import calibrate, finetune, query, score, shards, validate
+    from . import audit, calibrate, finetune, query, score, shards, validate
 
-    for module in (score, shards, query, validate, finetune, calibrate):
+    for module in (score, shards, query, validate, finetune, calibrate, audit):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -5,6 +5,8 @@ Importing this module registers, with GX 1.24:
 - ``expect_column_values_harm_score_to_be_below`` (row level; metric ``saft.harm_score`` and condition
   ``saft.harm_score.below_threshold``): flagged rows are GX's unexpected rows;
 - ``expect_column_harm_flag_fraction_to_be_at_most`` (aggregate; metric ``saft.harm_score.flagged_fraction``);
+- ``expect_residual_harm_rate_to_be_below`` (aggregate, audited; metric ``saft.residual_harm_rate``): an
+  upper confidence bound on the kept rows' harmful rate from a labelled audit sample;
 - their shared metric ``saft.row_scores``.
 
 GX registers an expectation as a side effect of defining its class, so **whoever runs a suite that uses
@@ -22,19 +24,23 @@ with pyspark_exit_guard():
 
 from .expect_column_harm_flag_fraction_to_be_at_most import ExpectColumnHarmFlagFractionToBeAtMost, SaftFlaggedFraction  # noqa: E402
 from .expect_column_values_harm_score_to_be_below import ExpectColumnValuesHarmScoreToBeBelow, SaftHarmScore  # noqa: E402
+from .expect_residual_harm_rate_to_be_below import ExpectResidualHarmRateToBeBelow, SaftResidualHarmRate  # noqa: E402
 from .scoring import SaftRowScores, ScoredRows, score_rows  # noqa: E402
 
 EXPECTATION_TYPES = (
     "expect_column_values_harm_score_to_be_below",
     "expect_column_harm_flag_fraction_to_be_at_most",
+    "expect_residual_harm_rate_to_be_below",
 )
 
 __all__ = [
     "EXPECTATION_TYPES",
     "ExpectColumnHarmFlagFractionToBeAtMost",
     "ExpectColumnValuesHarmScoreToBeBelow",
+    "ExpectResidualHarmRateToBeBelow",
     "SaftFlaggedFraction",
     "SaftHarmScore",
+    "SaftResidualHarmRate",
     "SaftRowScores",
     "ScoredRows",
     "score_rows",

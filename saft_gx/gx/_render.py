@@ -76,6 +76,22 @@ def flag_fraction_template(kw: Dict[str, Any], include_column_name: bool = True)
     return f"At most $max_fraction_pct % of {rows} may be flagged as harmful ({flag}), {scoring_phrase(kw, params)}.", params
 
 
+def residual_template(kw: Dict[str, Any], include_column_name: bool = True) -> Template:
+    def pct(value: Any) -> Any:
+        return _shown(value) if isinstance(value, dict) else _pct(value)
+
+    params: Dict[str, Any] = {"max_rate_pct": pct(kw.get("max_rate", 0.0)), "confidence_pct": pct(kw.get("confidence") or 0.95)}
+    rows = rows_phrase(kw, params, include_column_name)
+    if kw.get("threshold") is not None:
+        params["threshold"] = _shown(kw["threshold"])
+        kept = "SAFT harm score at most $threshold"
+    else:
+        kept = "SAFT harm score at most the detector's threshold"
+    params["audit_labels"] = _shown(kw.get("audit_labels"))
+    return (f"With $confidence_pct % confidence, at most $max_rate_pct % of the kept {rows} ({kept}) may be harmful, "
+            f"bounded from the labelled audit sample $audit_labels, {scoring_phrase(kw, params)}.", params)
+
+
 def legacy_prescriptive(build: Callable[..., Template], configuration: Any,
                         runtime_configuration: Optional[dict]) -> List[RenderedStringTemplateContent]:
     runtime_configuration = runtime_configuration or {}

@@ -237,6 +237,8 @@ def summarize(evr: Any) -> Outcome:
         text = (f"flagged fraction {_pct(r['observed_value'])} ({details.get('flagged')} of {details.get('rows')} rows), "
                 f"allowed at most {_pct(float(kw['max_fraction']))}; τ = {details.get('threshold', float('nan')):.4g} "
                 f"({details.get('threshold_rule')})")
+    elif isinstance(details.get("sentence"), str):  # an expectation that words its own result (the audited gate)
+        text = details["sentence"]
     elif "unexpected_count" in r:
         n, bad = r.get("element_count") or 0, r.get("unexpected_count") or 0
         text = f"{bad} of {n} rows unexpected"
