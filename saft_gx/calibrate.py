@@ -9,6 +9,9 @@ Variants (each is a ``Detector`` option; the subspace itself is always fitted on
 
 - ``saft``: the paper's score, mean squared projection on the top-k directions, oriented by the labels;
 - ``saft-sigma`` / ``saft-whiten``: the same with σ-weighted or whitened (Mahalanobis) directions;
+- ``probe``: a ridge-regularised logistic regression on the labelled rows' coordinates in the top-k subspace
+  (``saft_gx.probe``); the score is a probability of harm, so a τ chosen on one dataset means the same on
+  another. Labelled sources (the user's rows, the anchors) and both classes get equal total weight.
 - ``direct``: a signed direction inside the top-k subspace: w_j = Δ_j / (λ_j + α·λ̄), where Δ is the
   difference of the labelled harmful and benign means in the subspace's coordinates and λ_j the data's
   variance along v_j (LDA with the data's covariance, shrunk towards the mean difference). Scaled so the
@@ -16,7 +19,8 @@ Variants (each is a ``Detector`` option; the subspace itself is always fitted on
 
 Candidates are compared by the AUROC of out-of-fold scores on the labelled rows (stratified folds; the
 anchors, when added, only ever train). τ is chosen on the same out-of-fold scores, so it is not fitted to
-the rows it is judged on. Everything here is NumPy over arrays; reading label files is at the bottom.
+the rows it is judged on. Everything here is NumPy over arrays; reading label files and embedding the
+labelled rows is ``saft_gx.labelled``.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import numpy as np
 
 from .errors import SaftError
 from .metrics import auroc, precision_recall_f1
+from .probe import fit_logistic
 from .subspace import Detector, MomentStats
 from .threshold import best_f1_threshold, fpr_threshold, recall_threshold, top_fraction_threshold
 
-VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct")
+VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe")
 DEFAULT_VARIANTS = VARIANTS
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
+PROBE_C = 0.1  # inverse ridge strength on standardised coordinates; measured in tests/bench/detection.py
 DEFAULT_SHRINK = 0.1  # α in w_j = Δ_j / (λ_j + α·λ̄); measured in tests/bench/detection.py
 DEFAULT_FOLDS = 5
 TARGETS = ("f1", "fpr", "recall", "remove_fraction")
@@ -88,6 +94,12 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
     """The ``variant`` detector on the first ``k`` directions of ``base`` (fitted unsupervised on the data),
     oriented / directed by the labelled vectors ``x`` with labels ``y`` (1 = harmful) when given."""
     det = top(base, k)
+    if variant == "probe":
+        if x is None or y is None:
+            raise SaftError("the probe variant needs labelled rows or the built-in anchors")
+        p = (np.asarray(x, dtype=np.float64) - det.mean) @ det.components.T
+        fit = fit_logistic(p, y, c=PROBE_C, sample_weight=balanced_weights(y, groups))
+        return det.with_(form="linear", coef=fit.coef, intercept=fit.intercept, link="logistic")
     if variant == "direct":
         if x is None or y is None:
             raise SaftError("the direct variant needs labelled rows or the built-in anchors")
@@ -99,6 +111,19 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
     if x is not None and y is not None:
         det = orient(det, x, y)
     return det
+
+
+def balanced_weights(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """Row weights giving every (source, class) cell the same total: 100 user labels count as much as
+    thousands of anchors, and a 10 %-harmful label set does not teach the probe a 10 % prior."""
+    y = np.asarray(y).astype(bool)
+    g = np.zeros(len(y), dtype=np.int64) if groups is None else np.asarray(groups)
+    w = np.zeros(len(y))
+    cells = [(grp, cls) for grp in np.unique(g) for cls in (True, False) if ((g == grp) & (y == cls)).any()]
+    for grp, cls in cells:
+        m = (g == grp) & (y == cls)
+        w[m] = 1.0 / m.sum()
+    return w * len(y) / w.sum()
 
 
 def orient(det: Detector, x: np.ndarray, y: np.ndarray) -> Detector:
@@ -312,7 +337,7 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
     xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)
     xt, yt, gt = _stack(np.asarray(labelled[key], dtype=np.float64), y, xa, ya)
     det = fit_variant(bases[key], chosen.variant, chosen.k, xt, yt, groups=gt, shrink=shrink)
-    if chosen.variant != "direct" and det.orientation != fit_variant(bases[key], chosen.variant, chosen.k, labelled[key], y).orientation:
+    if chosen.variant not in ("direct", "probe") and det.orientation != fit_variant(bases[key], chosen.variant, chosen.k, labelled[key], y).orientation:
         # the anchors and the user's labels disagree on the orientation: the user's rows win
         det = det.with_(orientation=-det.orientation)
     tau = choose_threshold(target, oof, y, data_scores(det, key) if target.kind == "remove_fraction" and data_scores else None)
@@ -328,235 +353,24 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
 
 
 def anchor_detector(base: Detector, x_anchor: np.ndarray, y_anchor: np.ndarray, *, variant: str = "direct", k: int,
-                    shrink: float = DEFAULT_SHRINK, folds: int = DEFAULT_FOLDS) -> Detector:
+                    shrink: float = DEFAULT_SHRINK, folds: int = DEFAULT_FOLDS,
+                    probability_threshold: float | None = None) -> Detector:
     """The default detector without user labels: the unsupervised subspace of the data, oriented and
-    directed by the built-in anchors, with τ = best F1 on the anchors' *out-of-fold* scores (in-sample
-    scores of a direction fitted on the same 48 rows overstate the gap between the classes).
+    directed by the built-in anchors. τ: for ``probe``, ``probability_threshold`` (a probability means the same
+    on every dataset); otherwise the best F1 on the anchors' *out-of-fold* scores (in-sample scores of a
+    direction fitted on the same rows overstate the gap between the classes).
     Records what the anchors chose in ``meta["anchors"]``."""
     k = min(k, base.k)
     y = np.asarray(y_anchor).astype(np.int8)
     det = fit_variant(base, variant, k, x_anchor, y, shrink=shrink)
     fold_of = stratified_folds(y.astype(bool), min(folds, int(min(y.sum(), (1 - y).sum()))))
     oof = oof_scores(base, variant, k, np.asarray(x_anchor, dtype=np.float64), y, fold_of=fold_of, shrink=shrink)
-    tau, _ = best_f1_threshold(oof, y)
+    if variant == "probe" and probability_threshold is not None:
+        tau, rule = float(probability_threshold), f"probability of harm > {probability_threshold:g} (built-in anchors' probe)"
+    else:
+        tau, _ = best_f1_threshold(oof, y)
+        rule = ANCHOR_THRESHOLD_RULE
     return det.with_(threshold=tau, meta={
-        **det.meta, "variant": variant, "threshold_rule": ANCHOR_THRESHOLD_RULE,
+        **det.meta, "variant": variant, "threshold_rule": rule,
         "anchors": {"rows": int(len(y)), "harmful": int(y.sum()), "variant": variant, "k": int(k),
                     "anchor_auroc_out_of_fold": round(float(auroc(oof, y)), 4)}})
-
-
-# ---- labels from files ----
-
-LABEL_WORDS = {"1": 1, "0": 0, "true": 1, "false": 0, "harmful": 1, "benign": 0, "unsafe": 1, "safe": 0,
-               "yes": 1, "no": 0}
-
-
-def parse_labels(values: Any, what: str = "label") -> np.ndarray:
-    """0/1 labels from ints, bools or words (harmful/benign, unsafe/safe, true/false, yes/no)."""
-    out = np.empty(len(values), dtype=np.int8)
-    for i, v in enumerate(values):
-        if v is None or (isinstance(v, float) and np.isnan(v)):
-            raise SaftError(f"{what} {i}: empty label; drop the row or label it 0 (benign) or 1 (harmful)")
-        key = str(int(v)) if isinstance(v, (bool, np.bool_, int, np.integer)) or (isinstance(v, float) and v.is_integer()) \
-            else str(v).strip().lower()
-        if key not in LABEL_WORDS:
-            raise SaftError(f"{what} {i}: label {v!r} is not 0/1, true/false or harmful/benign")
-        out[i] = LABEL_WORDS[key]
-    return out
-
-
-@dataclass
-class Labels:
-    """Labelled rows of a dataset: 0-based row positions and 0/1 labels (1 = harmful)."""
-
-    rows: np.ndarray
-    labels: np.ndarray
-    source: str
-
-    def check_two_classes(self) -> None:
-        if self.labels.all() or not self.labels.any():
-            cls = "harmful (1)" if self.labels.all() else "benign (0)"
-            raise SaftError(f"{self.source}: every labelled row is {cls}; label both harmful and benign rows")
-
-
-def read_table(path: str) -> Any:
-    import pandas as pd
-
-    from .readers import open_dataset
-
-    ds = open_dataset(path)
-    return pd.concat([df for _, df in ds.frames()], ignore_index=True)
-
-
-def labels_from_file(labels_path: str, dataset: Any, *, id_column: str | None = None,
-                     label_column: str = "label") -> Labels:
-    """Match a labels file (``id,label``, or ``row_id,label``) to the rows of ``dataset`` (a readers.Dataset).
-
-    The id column is ``--id-column``, else ``id`` when both files have it, else ``row_id`` (0-based row
-    positions of the dataset). Unknown or repeated ids, empty labels and a single class are errors."""
-    lab = read_table(labels_path)
-    if label_column not in lab.columns:
-        raise SaftError(f"{labels_path}: no {label_column!r} column (it has: {', '.join(map(str, lab.columns))})")
-    if id_column is None:
-        if "id" in lab.columns and "id" in dataset.columns:
-            id_column = "id"
-        elif "row_id" in lab.columns:
-            id_column = "row_id"
-        elif "id" in lab.columns:
-            id_column = "row_id"
-            lab = lab.rename(columns={"id": "row_id"})
-        else:
-            raise SaftError(f"{labels_path}: need an id column (id, row_id or --id-column) beside {label_column!r}")
-    if id_column not in lab.columns:
-        raise SaftError(f"{labels_path}: no {id_column!r} column (it has: {', '.join(map(str, lab.columns))})")
-    y = parse_labels(lab[label_column].tolist(), f"{labels_path}: row")
-    ids = lab[id_column].tolist()
-    dup = lab[id_column][lab[id_column].duplicated()].tolist()
-    if dup:
-        raise SaftError(f"{labels_path}: id {dup[0]!r} is labelled more than once")
-    if id_column == "row_id" and id_column not in dataset.columns:
-        try:
-            pos = np.array([int(i) for i in ids], dtype=np.int64)
-        except (TypeError, ValueError):
-            raise SaftError(f"{labels_path}: row_id values must be integers (0-based row positions)") from None
-        n = dataset.num_rows if dataset.num_rows is not None else sum(len(df) for _, df in dataset.frames([dataset.columns[0]]))
-        unknown = [int(p) for p in pos if not 0 <= p < n]
-        if unknown:
-            raise SaftError(f"{labels_path}: {len(unknown)} unknown row_id(s), e.g. {unknown[:3]}; "
-                            f"{dataset.path.name} has rows 0..{n - 1}")
-    else:
-        if id_column not in dataset.columns:
-            raise SaftError(f"{dataset.path.name} has no {id_column!r} column to match the labels' ids against")
-        want = {_norm_id(i): j for j, i in enumerate(ids)}
-        pos = np.full(len(ids), -1, dtype=np.int64)
-        for first, df in dataset.frames([id_column]):
-            for r, v in enumerate(df[id_column].tolist()):
-                j = want.get(_norm_id(v))
-                if j is not None:
-                    if pos[j] >= 0:
-                        raise SaftError(f"{dataset.path.name}: id {v!r} appears on more than one row")
-                    pos[j] = first + r
-        unknown = [ids[j] for j in np.flatnonzero(pos < 0)]
-        if unknown:
-            raise SaftError(f"{labels_path}: {len(unknown)} id(s) not found in {dataset.path.name}'s {id_column!r} "
-                            f"column, e.g. {', '.join(map(repr, unknown[:3]))}")
-    out = Labels(rows=pos, labels=y, source=str(labels_path))
-    out.check_two_classes()
-    return out
-
-
-def labels_from_column(dataset: Any, label_column: str) -> Labels:
-    """Labelled rows of a dataset with its own label column (empty cells = unlabelled)."""
-    if label_column not in dataset.columns:
-        raise SaftError(f"{dataset.path.name}: no {label_column!r} column")
-    rows, vals = [], []
-    for first, df in dataset.frames([label_column]):
-        for r, v in enumerate(df[label_column].tolist()):
-            if v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip()):
-                continue
-            rows.append(first + r)
-            vals.append(v)
-    if not rows:
-        raise SaftError(f"{dataset.path.name}: the {label_column!r} column is empty")
-    out = Labels(rows=np.array(rows, dtype=np.int64), labels=parse_labels(vals, f"{dataset.path.name}: labelled row"),
-                 source=f"{dataset.path.name}:{label_column}")
-    out.check_two_classes()
-    return out
-
-
-def _norm_id(v: Any) -> Any:
-    if isinstance(v, (np.integer, int)) and not isinstance(v, bool):
-        return int(v)
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
-    return str(v)
-
-
-# ---- a dataset on disk: embed every candidate layer in one pass, through the cache ----
-
-def embed_into_cache(embedder: Any, cache: Any, rows: list, flush_rows: int = 512) -> list[str]:
-    """Make sure ``rows`` (e.g. the anchors) are in ``cache`` at every layer of ``embedder``; returns their keys."""
-    keys = [r.content_key() for r in rows]
-    missing = np.flatnonzero(cache.missing(keys, embedder.config.layers))
-    if len(missing):
-        tokenized = embedder.tokenize([rows[i] for i in missing], [int(i) for i in missing])
-        for start in range(0, len(missing), flush_rows):
-            part = list(range(start, min(start + flush_rows, len(missing))))
-            vecs = embedder.embed_tokenized([tokenized[j] for j in part])
-            for li, layer in enumerate(embedder.config.layers):
-                cache.layer(layer).put([keys[missing[j]] for j in part], vecs[:, li, :])
-    return keys
-
-
-def row_keys_at(ds: Any, spec: Any, positions: np.ndarray) -> list[str]:
-    """Content keys of the dataset's rows at 0-based ``positions`` (in that order), streaming the file."""
-    from .rows import rows_from_frame
-
-    want = {int(p): i for i, p in enumerate(positions)}
-    keys: list[str | None] = [None] * len(positions)
-    for first, df in ds.frames(spec.columns):
-        hit = [p for p in range(first, first + len(df)) if p in want]
-        if hit:
-            rows = rows_from_frame(df.iloc[[p - first for p in hit]], spec, hit[0])
-            for p, r in zip(hit, rows):
-                keys[want[p]] = r.content_key()
-    if any(k is None for k in keys):
-        raise SaftError("some labelled rows are past the end of the dataset")
-    return keys  # type: ignore[return-value]
-
-
-def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layers: list[int], tokens: list[str],
-                      ks: tuple[int, ...] = DEFAULT_KS, variants: tuple[str, ...] = DEFAULT_VARIANTS,
-                      anchors: bool = True, target: ThresholdTarget = ThresholdTarget(), folds: int = DEFAULT_FOLDS,
-                      progress: Callable[[int | None, str], Any] | None = None) -> tuple[Calibration, Any]:
-    """Embed ``ds`` once per token position, capturing every layer up to the deepest candidate in one forward
-    pass (cached per layer), then ``calibrate`` over ``layers`` × ``tokens``. Returns (calibration, embed summary)."""
-    from . import pipeline
-    from .anchors import anchor_rows
-    from .cache import EmbeddingCache
-    from .embed import EmbedConfig, Embedder
-
-    lm, base_cfg = session.lm, session.config
-    captured = tuple(range(1, max(layers) + 1))
-    stats: dict[Key, MomentStats] = {}
-    labelled: dict[Key, np.ndarray] = {}
-    anchor_x: dict[Key, np.ndarray] = {}
-    caches: dict[str, Any] = {}
-    total = pipeline.EmbedSummary()
-    lab_rows = labels.rows
-    ya = None
-    for token in tokens:
-        cfg = EmbedConfig(layers=captured, token=token, max_tokens=base_cfg.max_tokens, overlong=base_cfg.overlong,
-                          batch_tokens=base_cfg.batch_tokens, max_batch_rows=base_cfg.max_batch_rows)
-        embedder = Embedder(lm, cfg)
-        cache = EmbeddingCache(session.cache.root, model_fingerprint=lm.fingerprint, token=token,
-                               max_tokens=cfg.max_tokens, overlong=cfg.overlong, dim=lm.hidden_size)
-        caches[token] = cache
-        st = {layer: MomentStats(lm.hidden_size) for layer in captured}
-        bar = progress(ds.num_rows, f"embedding ({token})") if progress else None
-        try:
-            summary = pipeline.embed_dataset(ds, spec, embedder, cache, stats=st, progress=bar or (lambda n: None))
-        finally:
-            if bar is not None:
-                bar.close()
-        total.rows, total.computed = total.rows + summary.rows, total.computed + summary.computed
-        if int(lab_rows.max()) >= summary.rows:
-            raise SaftError(f"labelled row {int(lab_rows.max())} is past the end of the dataset ({summary.rows} rows)")
-        keys = row_keys_at(ds, spec, lab_rows)
-        if anchors:
-            rows_a, ya = anchor_rows()
-            akeys = embed_into_cache(embedder, cache, rows_a)
-        for layer in layers:
-            stats[(token, layer)] = st[layer]
-            labelled[(token, layer)] = cache.layer(layer).get(keys)
-            if anchors:
-                anchor_x[(token, layer)] = cache.layer(layer).get(akeys)
-    meta = session.detector_meta(ds, spec)
-    meta["labels"] = labels.source
-
-    def data_scores(det: Detector, key: Key) -> np.ndarray:
-        return pipeline.score_cached(ds, spec, caches[key[0]], det, key[1])
-
-    cal = calibrate(stats, labelled, labels.labels, anchors=anchor_x if anchors else None, anchor_labels=ya, ks=ks,
-                    variants=variants, target=target, folds=folds, meta=meta, data_scores=data_scores)
-    return cal, total

@@ -17,6 +17,9 @@ from .models import LoadedModel
 from .rows import Row, format_row, uses_chat_template
 
 TOKEN_POSITIONS = ("last", "prompt-end", "mean")
+OVERLONG_CHOICES = ("truncate", "error")
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_OVERLONG = "truncate"  # real chat rows often exceed any cap: a long row must not stop a run
 
 
 @dataclass(frozen=True)
@@ -26,21 +29,24 @@ class EmbedConfig:
     layers: 1-based decoder blocks whose *output* is read (layer L = ``hidden_states[L]`` in transformers).
     token: ``last`` (last token of the formatted row), ``prompt-end`` (last token of the assistant header,
         before the response), or ``mean`` (mean over all tokens of the row).
-    max_tokens: rows longer than this are an error, or cut to this length with ``overlong="truncate"``.
+    max_tokens: rows longer than this are cut to this length (``overlong="truncate"``, the default) or are an
+        error (``overlong="error"``). For ``prompt-end`` only the prompt is ever run (a causal model's state at
+        the prompt's last token does not depend on the response), and an over-long prompt loses its *middle*:
+        the start and the end of the request, where harm is usually stated, survive.
     batch_tokens: padded tokens per forward pass; the batch size follows from the row lengths.
     """
 
     layers: tuple[int, ...]
     token: str = "last"
-    max_tokens: int = 1024
-    overlong: str = "error"
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    overlong: str = DEFAULT_OVERLONG
     batch_tokens: int = 16384
     max_batch_rows: int = 256
 
     def __post_init__(self) -> None:
         if self.token not in TOKEN_POSITIONS:
             raise SaftError(f"--token {self.token!r}: choose one of {', '.join(TOKEN_POSITIONS)}")
-        if self.overlong not in ("error", "truncate"):
+        if self.overlong not in OVERLONG_CHOICES:
             raise SaftError(f"--overlong {self.overlong!r}: choose error or truncate")
         if not self.layers:
             raise SaftError("at least one layer is needed")
@@ -67,6 +73,12 @@ def decoder_layers(model: Any) -> Any:
 class Tokenized:
     ids: list[int]
     position: int  # index of the token whose hidden state is read (ignored for "mean")
+    truncated: bool = False  # the row was over max_tokens and was cut
+
+
+# Share of the token budget kept from the start of an over-long prompt (the chat header and the opening of the
+# request); the rest comes from its end, so the request's last words and the assistant header are kept.
+PROMPT_HEAD_SHARE = 0.25
 
 
 class Embedder:
@@ -114,21 +126,25 @@ class Embedder:
                     pos = len(tok(texts[i][:head], add_special_tokens=not self._templated)["input_ids"]) - 1
             else:
                 pos = len(ids) - 1
-            if len(ids) > cfg.max_tokens:
+            if cfg.token == "prompt-end":
+                ids = ids[: pos + 1]  # the response cannot change the prompt-end state of a causal model
+            cut = len(ids) > cfg.max_tokens
+            if cut:
                 if cfg.overlong == "error":
+                    what = "its prompt is" if cfg.token == "prompt-end" else "the row is"
                     raise SaftError(
-                        f"row {rid}: {len(ids)} tokens, over --max-tokens {cfg.max_tokens}; "
+                        f"row {rid}: {what} {len(ids)} tokens, over --max-tokens {cfg.max_tokens}; "
                         "raise --max-tokens or pass --overlong truncate"
                     )
-                if cfg.token == "prompt-end" and pos >= cfg.max_tokens:
-                    raise SaftError(
-                        f"row {rid}: its prompt alone is over --max-tokens {cfg.max_tokens}, "
-                        "so the prompt-end token cannot be read; raise --max-tokens"
-                    )
-                ids = ids[: cfg.max_tokens]
-                if cfg.token != "prompt-end":
-                    pos = cfg.max_tokens - 1
-            out.append(Tokenized(ids=list(ids), position=pos))
+                if cfg.token == "prompt-end":
+                    head = int(cfg.max_tokens * PROMPT_HEAD_SHARE)
+                    ids = list(ids[:head]) + list(ids[len(ids) - (cfg.max_tokens - head):])
+                else:
+                    ids = ids[: cfg.max_tokens]
+                pos = len(ids) - 1
+            elif cfg.token == "prompt-end":
+                pos = len(ids) - 1
+            out.append(Tokenized(ids=list(ids), position=pos, truncated=cut))
         return out
 
     def batches(self, tokenized: Sequence[Tokenized]) -> list[list[int]]:

@@ -21,23 +21,17 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 
 from .cache import EmbeddingCache, key_digests
-from .embed import EmbedConfig, Embedder, Tokenized
+from .embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, EmbedConfig, Embedder, Tokenized
 from .errors import SaftError
 from .models import LoadedModel, load_model
 from .readers import Dataset, check_text_types, open_dataset
 from .rows import ColumnSpec, detect_columns, rows_from_frame
 from .shards import Shard, first_row_id, shard_dataset
-from .anchors import DEFAULT_TOKEN as ANCHOR_TOKEN
-from .anchors import USE_ANCHORS, fit_with_session
-from .anchors import default_layer as anchor_default_layer
+from . import defaults
+from .anchors import USE_ANCHORS, anchor_rows, fit_default
 from .subspace import Detector, MomentStats
 from .threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 
-# Measured on SmolLM2-135M-Instruct (30 layers) with tests/bench/detection.py; see README "Choosing the layer".
-DEFAULT_LAYER_FRACTION = 6 / 30
-DEFAULT_TOKEN = "last"
-DEFAULT_K = 4
-DEFAULT_MAX_TOKENS = 1024
 
 OUTPUT_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")
 
@@ -51,10 +45,6 @@ def refuse_reserved_columns(columns: list[str]) -> None:
                         f"({', '.join(OUTPUT_COLUMNS)}); rename or drop them first (nothing was written)")
 
 Progress = Callable[[int], None]
-
-
-def default_layer(num_layers: int) -> int:
-    return max(1, min(num_layers, round(DEFAULT_LAYER_FRACTION * num_layers)))
 
 
 @dataclass
@@ -79,6 +69,7 @@ def _null_progress(_n: int) -> None:
 class EmbedSummary:
     rows: int = 0
     computed: int = 0
+    truncated: int = 0  # rows embedded in this run that were over max_tokens and were cut
     seconds: float = 0.0
 
 
@@ -98,6 +89,7 @@ def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: Embe
             if not keep.all():
                 missing, tokenized = missing[keep], [t for t, k in zip(tokenized, keep) if k]
         progress(n_rows - len(missing))
+        summary.truncated += sum(t.truncated for t in tokenized)
         if len(missing):
             order = sorted(range(len(missing)), key=lambda j: -len(tokenized[j].ids))
             for start in range(0, len(order), flush_rows):
@@ -243,13 +235,13 @@ class EmbedOptions:
     layer: int | None = None
     token: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
-    overlong: str = "error"
+    overlong: str = DEFAULT_OVERLONG
     device: str | None = None
     dtype: str | None = None
     batch_tokens: int | None = None
     cache_dir: str | None = None
     # the unsupervised fit is directed by the built-in anchors; the default layer and token follow the mode
-    # (anchors.DEFAULT_TOKEN / default_layer with them, DEFAULT_TOKEN / default_layer without)
+    # (saft_gx.defaults: the anchored detector's with them, plain SAFT's without)
     anchors: bool = USE_ANCHORS
 
 
@@ -298,8 +290,8 @@ def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | No
     return replace(
         opts, model=lm.model_ref,
         layer=int(opts.layer or meta.get("layer")
-                  or (anchor_default_layer if opts.anchors and detector is None else default_layer)(lm.num_layers)),
-        token=opts.token or meta.get("token") or (ANCHOR_TOKEN if opts.anchors and detector is None else DEFAULT_TOKEN),
+                  or defaults.layer_for(lm.num_layers, anchors=opts.anchors and detector is None)),
+        token=opts.token or meta.get("token") or defaults.token_for(anchors=opts.anchors and detector is None),
         max_tokens=int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens,
         overlong=meta.get("overlong", opts.overlong) if detector is not None else opts.overlong,
     )
@@ -430,3 +422,32 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
                 "overlong": session.config.overlong, "columns": spec.to_dict()}
         detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
     return detector.score(x), detector
+
+
+def embed_into_cache(embedder: Embedder, cache: EmbeddingCache, rows: list, flush_rows: int = 512) -> list[str]:
+    """Make sure ``rows`` (e.g. the anchors) are in ``cache`` at every layer of ``embedder``; returns their keys."""
+    keys = [r.content_key() for r in rows]
+    missing = np.flatnonzero(cache.missing(keys, embedder.config.layers))
+    if len(missing):
+        tokenized = embedder.tokenize([rows[i] for i in missing], [int(i) for i in missing])
+        order = sorted(range(len(missing)), key=lambda j: -len(tokenized[j].ids))
+        for start in range(0, len(order), flush_rows):
+            part = order[start : start + flush_rows]
+            vecs = embedder.embed_tokenized([tokenized[j] for j in part])
+            for li, layer in enumerate(embedder.config.layers):
+                cache.layer(layer).put([keys[missing[j]] for j in part], vecs[:, li, :])
+    return keys
+
+
+def session_anchor_vectors(session: Session) -> np.ndarray:
+    """The built-in anchors embedded by ``session`` (its model, layer, token position and cache), in anchor order;
+    a separate Embedder, so the session's counters keep counting dataset rows only."""
+    keys = embed_into_cache(Embedder(session.lm, session.config), session.cache, anchor_rows()[0])
+    return session.cache.layer(session.layer).get(keys)
+
+
+def fit_with_session(session: Session, stats: MomentStats, *, k: int | None = None, weighting: str | None = None,
+                     anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None) -> Detector:
+    """``anchors.fit_default`` with the anchors embedded like the data (``session_anchor_vectors``)."""
+    return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
+                       anchor_vectors=lambda: session_anchor_vectors(session))

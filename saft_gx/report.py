@@ -63,7 +63,7 @@ class _FrameSource:
 
 
 def _labels_for(df: Any, name: str, labels_path: str | None, label_column: str, id_column: str | None) -> np.ndarray | None:
-    from .calibrate import labels_from_file, parse_labels
+    from .labelled import labels_from_file, parse_labels
 
     if labels_path:
         # the scored rows are in row_id order, all of them, so positions are the input's row ids

@@ -23,6 +23,7 @@ from .outputs import file_mode
 
 WEIGHTINGS = ("none", "sigma", "whiten")
 FORMS = ("squared", "linear")
+LINKS = ("identity", "logistic")
 
 
 @dataclass
@@ -94,6 +95,8 @@ class Detector:
     orientation: +1 when large scores mean harmful (the default); −1 flips it when labels show the opposite.
     threshold: τ; rows with score > τ are flagged. None until chosen.
     meta: the embedding it belongs to (model fingerprint, layer, token, …) and provenance.
+    intercept, link: for ``linear`` detectors, score = link(orientation · Σ_j w_j ⟨x − μ, v_j⟩ + intercept);
+        ``logistic`` makes the score a probability of harm (a logistic probe fitted on labelled rows).
     """
 
     mean: np.ndarray
@@ -105,6 +108,8 @@ class Detector:
     meta: dict[str, Any] = field(default_factory=dict)
     form: str = "squared"
     coef: np.ndarray | None = None
+    intercept: float = 0.0
+    link: str = "identity"
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -113,6 +118,8 @@ class Detector:
             raise SaftError(f"weighting {self.weighting!r}: choose one of {', '.join(WEIGHTINGS)}")
         if self.coef is not None and np.shape(self.coef) != (self.k,):
             raise SaftError(f"coef has shape {np.shape(self.coef)}, expected ({self.k},)")
+        if self.link not in LINKS:
+            raise SaftError(f"link {self.link!r}: choose one of {', '.join(LINKS)}")
         if self.form == "linear" and self.coef is None:
             raise SaftError("a linear detector needs coef (one signed weight per direction)")
 
@@ -161,7 +168,8 @@ class Detector:
             raise SaftError(f"embedding size {x.shape[-1]} does not match the detector's {self.dim}")
         proj = (x - self.mean) @ self.components.T
         if self.form == "linear":
-            return self.orientation * (proj @ self._weights())
+            z = self.orientation * (proj @ self._weights()) + self.intercept
+            return np.exp(-np.logaddexp(0.0, -z)) if self.link == "logistic" else z
         return self.orientation * (proj**2 @ self._weights())
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
@@ -182,6 +190,7 @@ class Detector:
             "orientation": self.orientation,
             "threshold": self.threshold,
             "form": self.form,
+            **({"intercept": self.intercept, "link": self.link} if self.link != "identity" or self.intercept else {}),
             **{k: v for k, v in self.meta.items()},
         }
 
@@ -201,6 +210,8 @@ class Detector:
         }
         if self.form != "squared":
             ident["form"] = self.form
+        if self.link != "identity" or self.intercept:
+            ident["link"], ident["intercept"] = self.link, float(self.intercept)
         h.update(json.dumps(ident, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
@@ -248,6 +259,8 @@ class Detector:
         orientation = int(meta.pop("orientation", 1))
         threshold = meta.pop("threshold", None)
         form = meta.pop("form", "squared")
+        intercept = float(meta.pop("intercept", 0.0))
+        link = meta.pop("link", "identity")
         det = cls(
             mean=t["mean"].astype(np.float64),
             components=t["components"].astype(np.float64),
@@ -258,6 +271,8 @@ class Detector:
             meta=meta,
             form=form,
             coef=t["coef"].astype(np.float64) if "coef" in t else None,
+            intercept=intercept,
+            link=link,
         )
         return det
 

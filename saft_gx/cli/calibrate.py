@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .. import pipeline
-from ..anchors import DEFAULT_TOKEN as ANCHOR_TOKEN
+from .. import defaults
 from ..calibrate import DEFAULT_KS, DEFAULT_VARIANTS
 from ..errors import SaftError
 from ..readers import open_dataset
@@ -56,11 +56,11 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--layers", "layers_text", help="Candidate layers: all (default), a range 8-20 or a list 10,12,15. "
               "Every layer up to the deepest is captured in one forward pass and cached.")
 @click.option("--tokens", "tokens_text", help="Candidate token positions, comma-separated (default: --token, else "
-              f"{ANCHOR_TOKEN}, the measured best). Each one costs a forward pass.")
+              f"{defaults.TOKEN}, the measured best). Each one costs a forward pass.")
 @click.option("--ks", default=",".join(map(str, DEFAULT_KS)),
               show_default=True, help="Candidate numbers of directions.")
 @click.option("--variants", default=",".join(DEFAULT_VARIANTS),
-              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct).")
+              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe).")
 @click.option("--anchors/--no-anchors", default=True, show_default=True,
               help="Also train orientation/direction on the built-in anchors (never used to judge or for τ).")
 @click.option("--target-fpr", type=float, help="τ: at most this false-positive rate on the labelled benign rows.")
@@ -78,18 +78,19 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
 
     τ is the best-F1 threshold unless you name a target false-positive rate, recall, or removal fraction."""
     from .. import calibrate as cal_mod
+    from .. import labelled
 
     eopts, copts = embed_opts(kw), column_opts(kw)
     target = cal_mod.target_from_options(target_fpr, target_recall, remove_fraction)
     variant_list = tuple(v.strip() for v in variants.split(",") if v.strip())
     ds = open_dataset(dataset)
     spec = copts.resolve(ds)
-    labels = (cal_mod.labels_from_file(labels_path, ds, id_column=id_column, label_column=label_column)
-              if labels_path else cal_mod.labels_from_column(ds, label_column))
+    labels = (labelled.labels_from_file(labels_path, ds, id_column=id_column, label_column=label_column)
+              if labels_path else labelled.labels_from_column(ds, label_column))
     session = pipeline.Session(pipeline.EmbedOptions(**{**eopts.__dict__, "layer": None}))
     layers = parse_layers(layers_text, eopts.layer, session.lm.num_layers)
-    tokens = [t.strip() for t in (tokens_text or eopts.token or ANCHOR_TOKEN).split(",") if t.strip()]
-    cal, summary = cal_mod.calibrate_dataset(session, ds, spec, labels, layers=layers, tokens=tokens,
+    tokens = [t.strip() for t in (tokens_text or eopts.token or defaults.TOKEN).split(",") if t.strip()]
+    cal, summary = labelled.calibrate_dataset(session, ds, spec, labels, layers=layers, tokens=tokens,
                                              ks=_ints(ks, "--ks"), variants=variant_list, anchors=anchors, target=target,
                                              progress=lambda total, desc: Progress(total, desc, quiet))
     det = cal.detector

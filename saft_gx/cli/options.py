@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import click
 
-from ..embed import TOKEN_POSITIONS
+from .. import defaults
+from ..embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, OVERLONG_CHOICES, TOKEN_POSITIONS
 from ..pipeline import ColumnOptions, EmbedOptions
 from ..threshold import ThresholdRule, rule_from_options
 
@@ -29,11 +30,14 @@ column_options = stack_options(
 
 embed_options = stack_options(
     click.option("--model", help="Local HF folder, .gguf file, or cached hub id. Default: the embedded SmolLM2-135M-Instruct."),
-    click.option("--layer", type=int, help="Decoder layer whose output is read (1-based). Default: the measured best."),
-    click.option("--token", type=click.Choice(TOKEN_POSITIONS), help="Which token's hidden state: last, prompt-end or mean. Default: last."),
-    click.option("--max-tokens", type=int, default=1024, show_default=True, help="Longest row, in tokens."),
-    click.option("--overlong", type=click.Choice(["error", "truncate"]), default="error", show_default=True,
-                 help="What to do with rows over --max-tokens."),
+    click.option("--layer", type=int, help="Decoder layer whose output is read (1-based). Default: "
+                 f"{defaults.LAYER_FRACTION:.2f} × depth ({defaults.PLAIN_LAYER_FRACTION:.2f} × depth with --no-anchors)."),
+    click.option("--token", type=click.Choice(TOKEN_POSITIONS), help="Which token's hidden state: last, prompt-end or "
+                 f"mean. Default: {defaults.TOKEN} ({defaults.PLAIN_TOKEN} with --no-anchors)."),
+    click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,
+                 help="Token cap per row (per prompt with --token prompt-end)."),
+    click.option("--overlong", type=click.Choice(list(OVERLONG_CHOICES)), default=DEFAULT_OVERLONG, show_default=True,
+                 help="Rows over --max-tokens: truncate (a one-line notice says how many) or error."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
                  help="auto: bfloat16 on CUDA, float32 on CPU."),

@@ -8,8 +8,9 @@ import click
 
 from .. import outputs, pipeline, store
 from ..errors import SaftError
-from ..anchors import DEFAULT_K as DEFAULT_ANCHOR_K
-from ..anchors import USE_ANCHORS, fit_with_session, session_anchor_vectors
+from .. import defaults
+from ..anchors import USE_ANCHORS
+from ..pipeline import fit_with_session, session_anchor_vectors
 from ..readers import open_dataset
 from ..shards import Shard, first_row_id, save_stats, shard_dataset
 from ..subspace import WEIGHTINGS, Detector
@@ -30,13 +31,15 @@ shard_option = click.option(
 DETECTOR_FILES = ("detector.json", "detector.safetensors")
 
 fit_options = stack_options(
-    click.option("--k", "k", type=int, help=f"Number of top singular directions (default {pipeline.DEFAULT_K}; "
-                 f"{DEFAULT_ANCHOR_K} with the built-in anchors)."),
+    click.option("--k", "k", type=int, help=f"Number of top singular directions of the data (default {defaults.K} "
+                 f"with the built-in anchors; {defaults.PLAIN_K} for plain SAFT, --no-anchors)."),
     click.option("--weighting", type=click.Choice(WEIGHTINGS),
                  help="Score by the squared projections (SAFT), weighted equally, by singular value or whitened; "
-                      "oriented by the anchors unless --no-anchors. Default: the anchors' direction in the subspace."),
+                      "oriented by the anchors unless --no-anchors. Default: the anchors' logistic probe in the "
+                      "subspace (a probability of harm)."),
     click.option("--anchors/--no-anchors", default=USE_ANCHORS, show_default=True,
-                 help="Orient and direct the unsupervised subspace with the built-in labelled anchors."),
+                 help="Fit the detector in the data's SAFT subspace with the built-in labelled anchors; "
+                      "--no-anchors: plain unsupervised SAFT."),
 )
 
 
@@ -90,6 +93,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
         rule_text = rule.describe()
         det = det.with_(threshold=resolve(rule, scores), meta={**det.meta, "threshold_rule": rule_text})
     det.save(output)
+    truncation_notice(summary.truncated, det.meta)
     click.echo(
         f"fitted on {summary.rows} rows ({summary.computed} embedded, {summary.rows - summary.computed} from cache) "
         f"at layer {session.layer}, token {session.config.token}, k={det.k}, {det.meta.get('variant')}"
@@ -184,6 +188,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
         f"scored {result.rows} rows in {result.seconds:.1f} s ({result.rows_per_second:.1f} rows/s; "
         f"{e.computed} embedded, {e.rows - e.computed} from cache)"
     )
+    truncation_notice(e.truncated, meta)
     click.echo(
         f"layer {meta.get('layer')}, token {meta.get('token')}, k={result.detector.k}"
         f"{', ' + meta['variant'] if meta.get('variant') else ''}{' (built-in anchors)' if meta.get('anchors') else ''}; "
@@ -199,3 +204,11 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
 
 
 COMMANDS = [fit, score]
+
+
+def truncation_notice(n: int, meta: dict) -> None:
+    """One line when rows were cut at the token cap (the run goes on; ``--overlong error`` refuses instead)."""
+    if n:
+        what = "prompts lost their middle" if meta.get("token") == "prompt-end" else "rows lost their end"
+        click.echo(f"note: {n} rows were over --max-tokens {meta.get('max_tokens')} and were truncated ({what}; "
+                   "recorded in the detector as overlong=truncate)", err=True)

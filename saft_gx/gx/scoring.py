@@ -93,11 +93,12 @@ def column_options(column: str, response_column: str | None, messages: bool) -> 
 
 
 def embed_options(kw: Dict[str, Any]) -> Any:
-    from ..pipeline import DEFAULT_MAX_TOKENS, EmbedOptions
+    from ..embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG
+    from ..pipeline import EmbedOptions
 
     return EmbedOptions(model=kw.get("model"), layer=kw.get("layer"), token=kw.get("token"),
                         max_tokens=int(kw.get("max_tokens") or DEFAULT_MAX_TOKENS),
-                        overlong=kw.get("overlong") or "error", device=kw.get("device"))
+                        overlong=kw.get("overlong") or DEFAULT_OVERLONG, device=kw.get("device"))
 
 
 def threshold_rule(kw: Dict[str, Any]) -> Any:
@@ -131,9 +132,10 @@ def check_settings(kw: Dict[str, Any]) -> None:
     k = kw.get("k")
     if k is not None and (not isinstance(k, int) or k < 1):
         raise SaftError(f"k={k!r}: must be a positive integer")
-    if kw.get("overlong") not in (None, "error", "truncate"):
-        raise SaftError(f"overlong={kw.get('overlong')!r}: choose error or truncate")
-    from ..embed import TOKEN_POSITIONS
+    from ..embed import OVERLONG_CHOICES, TOKEN_POSITIONS
+
+    if kw.get("overlong") not in (None, *OVERLONG_CHOICES):
+        raise SaftError(f"overlong={kw.get('overlong')!r}: choose one of {', '.join(OVERLONG_CHOICES)}")
 
     if kw.get("token") not in (None, *TOKEN_POSITIONS):
         raise SaftError(f"token={kw.get('token')!r}: choose one of {', '.join(TOKEN_POSITIONS)}")
