@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from functools import lru_cache
 from importlib import resources
 from typing import Any, Callable
 
@@ -34,10 +35,15 @@ USE_ANCHORS = True  # `saft-gx score` / `fit` without labels; --no-anchors turns
 
 
 def load_anchor_records() -> list[dict]:
-    """The anchor rows as dicts: prompt, response, label (1 = harmful), category, framing, lang."""
+    """The anchor rows as dicts: prompt, response, label (1 = harmful), category, framing, lang, source."""
+    return [dict(r) for r in _records()]
+
+
+@lru_cache(maxsize=1)
+def _records() -> tuple[dict, ...]:
     raw = resources.files("saft_gx").joinpath("data", ANCHORS_FILE).read_bytes()
     text = gzip.decompress(raw).decode("utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return tuple(json.loads(line) for line in text.splitlines() if line.strip())
 
 
 def anchor_rows() -> tuple[list[Row], np.ndarray]:
@@ -51,12 +57,14 @@ _SQUARED = {"none": "saft", "sigma": "saft-sigma", "whiten": "saft-whiten"}
 
 
 def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | None = None, anchors: bool = USE_ANCHORS,
-                anchor_vectors: Callable[[], np.ndarray] | None = None, meta: dict[str, Any] | None = None) -> Detector:
+                anchor_vectors: Callable[[], np.ndarray] | None = None, anchor_labels: np.ndarray | None = None,
+                meta: dict[str, Any] | None = None) -> Detector:
     """The detector ``saft-gx score`` fits on an unlabelled dataset.
 
     With anchors (the default): the ``probe`` variant in the data's top-k subspace, τ a probability — or the
     squared SAFT score with ``weighting``, oriented by the anchors, when a weighting is named.
-    ``anchor_vectors()`` returns the anchors' embeddings at the same model, layer and token position.
+    ``anchor_vectors()`` returns the anchors' embeddings at the same model, layer and token position;
+    ``anchor_labels`` their labels (default: the built-in anchors').
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
     meta = dict(meta or {})
@@ -68,6 +76,6 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     kk = k if k is not None else min(defaults.K, stats.dim, max(stats.n - 1, 1))
     variant = defaults.VARIANT if weighting is None else _SQUARED[weighting]
     base = Detector.fit(stats, k=kk, meta=meta)
-    _rows, y = anchor_rows()
+    y = anchor_rows()[1] if anchor_labels is None else np.asarray(anchor_labels)
     return anchor_detector(base, anchor_vectors(), y, variant=variant, k=kk,
                            probability_threshold=defaults.PROBABILITY_THRESHOLD)

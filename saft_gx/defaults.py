@@ -11,10 +11,10 @@ from __future__ import annotations
 
 # the default detector (built-in anchors)
 TOKEN = "prompt-end"
-LAYER_FRACTION = 20 / 30
+LAYER_FRACTION = 18 / 30
 K = 32
 VARIANT = "probe"
-PROBABILITY_THRESHOLD = 0.5
+PROBABILITY_THRESHOLD = 0.7
 
 # plain SAFT (--no-anchors): measured on our own rows with tests/bench/layer_sweep.py
 PLAIN_TOKEN = "last"

@@ -8,20 +8,26 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import Detector, MomentStats
+from saft_gx import Detector, MomentStats, defaults
 from saft_gx.anchors import ANCHORS_LICENSE, anchor_rows, fit_default, load_anchor_records
 from saft_gx.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_anchor_file_is_shipped_balanced_and_disjoint_from_the_benchmark():
+def test_anchor_file_is_shipped_varied_and_disjoint_from_the_benchmark():
     recs = load_anchor_records()
-    assert len(recs) == 48 and sum(r["label"] for r in recs) == 24
-    assert len({r["id"] for r in recs}) == 48 and all(r["prompt"].strip() and r["response"].strip() for r in recs)
-    assert ANCHORS_LICENSE == "CC0-1.0"
+    n, harmful = len(recs), sum(r["label"] for r in recs)
+    assert n >= 1500 and 0.4 < harmful / n < 0.6 and ANCHORS_LICENSE == "CC0-1.0"
+    assert len({r["prompt"] for r in recs}) == n and all(r["prompt"].strip() and r["response"].strip() for r in recs)
+    for label in (0, 1):  # both classes carry every framing, long rows and other languages: none reveals the label
+        cls = [r for r in recs if r["label"] == label]
+        assert {"plain", "roleplay", "fiction", "hypothetical", "translation", "long_context"} <= {r["framing"] for r in cls}
+        assert sum(r["lang"] != "en" for r in cls) / len(cls) > 0.08
+        assert sum(len(r["prompt"]) > 1000 for r in cls) >= 25 and sum(len(r["prompt"]) < 100 for r in cls) >= 100
+        assert len({r["category"] for r in cls}) >= 10
     rows, y = anchor_rows()
-    assert len(rows) == 48 and y.tolist() == [r["label"] for r in recs]
+    assert len(rows) == n and y.tolist() == [r["label"] for r in recs]
     assert rows[0].messages == (("user", recs[0]["prompt"]), ("assistant", recs[0]["response"]))
     src = ROOT / "data_src"
     if src.exists():  # never an evaluation row of the detection benchmark
@@ -45,59 +51,57 @@ def _topic_data(seed=0, n=400, d=24):
     return x, y, xa
 
 
-def test_default_fit_is_directed_by_the_anchors(monkeypatch):
+def test_default_fit_is_a_probability_from_the_anchors_inside_the_data_subspace():
     x, y, xa = _topic_data()
+    ya = np.r_[np.ones(24), np.zeros(24)].astype(int)
     stats = MomentStats(x.shape[1]).update(x)
-    det = fit_default(stats, anchor_vectors=lambda: xa, meta={"layer": 2})
+    det = fit_default(stats, anchor_vectors=lambda: xa, meta={"layer": 2}, anchor_labels=ya)
     plain = fit_default(stats, anchors=False)
-    from saft_gx import pipeline
-
-    assert det.form == "linear" and det.k == 24  # anchors.DEFAULT_K, capped at the embedding size
-    assert det.meta["anchors"]["rows"] == 48 and det.meta["layer"] == 2 and det.meta["variant"] == "direct"
-    assert plain.form == "squared" and plain.k == pipeline.DEFAULT_K and plain.meta["anchors"] is None
-    # τ: best F1 on the anchors' out-of-fold scores. The anchors are balanced and the data is 20 % harmful,
-    # so τ errs towards recall: nearly every harmful row flagged, precision lower
-    assert det.meta["threshold_rule"].startswith("best F1 on the built-in anchors") and plain.threshold is None
-    flags = det.flag(det.score(x))
+    assert det.form == "linear" and det.link == "logistic" and det.k == 24  # defaults.K, capped at the dimension
+    assert det.meta["anchors"]["rows"] == 48 and det.meta["layer"] == 2 and det.meta["variant"] == "probe"
+    assert plain.form == "squared" and plain.k == defaults.PLAIN_K and plain.meta["anchors"] is None
+    # τ is a probability, the same on every dataset: not fitted to this data's score distribution
+    assert det.threshold == defaults.PROBABILITY_THRESHOLD and plain.threshold is None
+    p = det.score(x)
+    assert 0 <= p.min() and p.max() <= 1
+    flags = det.flag(p)
     tp = (flags & (y == 1)).sum()
-    assert tp / y.sum() > 0.9 and 2 * tp / (flags.sum() + y.sum()) > 0.7
+    assert tp / y.sum() > 0.85 and 2 * tp / (flags.sum() + y.sum()) > 0.7
     assert auroc(fit_default(stats, k=1, anchors=False).score(x), y) < 0.65  # plain SAFT k=1 finds the topic
-    assert auroc(det.score(x), y) > 0.95
-    # the unsupervised subspace regularises the 48-row direction: fewer directions, less noise here
-    assert auroc(fit_default(stats, k=4, anchor_vectors=lambda: xa).score(x), y) > 0.99
+    assert auroc(p, y) > 0.95
+    # the probe lives in the data's subspace: with k=1 (the topic direction only) it cannot see the harm
+    assert auroc(fit_default(stats, k=1, anchor_vectors=lambda: xa, anchor_labels=ya).score(x), y) < 0.65
     # a named weighting keeps the squared SAFT score, oriented by the anchors
-    sq = fit_default(stats, k=4, weighting="whiten", anchor_vectors=lambda: xa)
+    sq = fit_default(stats, k=4, weighting="whiten", anchor_vectors=lambda: xa, anchor_labels=ya)
     assert sq.form == "squared" and sq.weighting == "whiten" and sq.meta["variant"] == "saft-whiten"
     # k is capped by the rows when not given
     small = MomentStats(x.shape[1]).update(x[:9])
-    assert fit_default(small, anchor_vectors=lambda: xa).k == 8
+    assert fit_default(small, anchor_vectors=lambda: xa, anchor_labels=ya).k == 8
 
 
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
-    from saft_gx import pipeline
     from saft_gx.cli import cli
 
     run = lambda *a: CliRunner().invoke(cli, ["score", str(toy_parquet), "--no-db", "--model", str(tiny_model_dir), *a],
                                         catch_exceptions=False)
     r = run("--out", str(tmp_path / "a.parquet"), "--save-detector", str(tmp_path / "da"))
     assert r.exit_code == 0, r.output
-    assert "direct (built-in anchors)" in r.output
+    assert "probe (built-in anchors)" in r.output
     meta = json.loads((tmp_path / "da" / "detector.json").read_text())
-    assert meta["form"] == "linear" and meta["anchors"]["rows"] == 48 and meta["k"] == 11  # 12 rows: k capped at 11
+    n_anchors = len(load_anchor_records())
+    assert meta["form"] == "linear" and meta["anchors"]["rows"] == n_anchors and meta["k"] == 11  # 12 rows: k ≤ 11
     det = Detector.load(tmp_path / "da")
     assert det.coef is not None and det.coef.shape == (11,)
     # the default layer and token follow the mode: the anchored defaults here, plain SAFT's with --no-anchors
-    from saft_gx import anchors
-
-    assert (meta["layer"], meta["token"]) == (anchors.default_layer(4), anchors.DEFAULT_TOKEN)
-    assert "best F1 on the built-in anchors" in r.output
+    assert (meta["layer"], meta["token"]) == (defaults.layer_for(4), defaults.TOKEN)
+    assert f"probability of harm > {defaults.PROBABILITY_THRESHOLD:g}" in r.output
 
     r = run("--out", str(tmp_path / "b.parquet"), "--save-detector", str(tmp_path / "db"), "--no-anchors")
     assert r.exit_code == 0, r.output
     meta_b = json.loads((tmp_path / "db" / "detector.json").read_text())
-    assert meta_b["form"] == "squared" and meta_b["k"] == pipeline.DEFAULT_K and meta_b["anchors"] is None
+    assert meta_b["form"] == "squared" and meta_b["k"] == defaults.PLAIN_K and meta_b["anchors"] is None
     assert "built-in anchors" not in r.output
-    assert (meta_b["layer"], meta_b["token"]) == (pipeline.default_layer(4), pipeline.DEFAULT_TOKEN)
+    assert (meta_b["layer"], meta_b["token"]) == (defaults.layer_for(4, anchors=False), defaults.PLAIN_TOKEN)
     a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
     assert a["detector_id"].iloc[0] != b["detector_id"].iloc[0]
     assert not np.allclose(a["harm_score"], b["harm_score"])
@@ -109,7 +113,7 @@ def test_anchor_embeddings_go_through_the_cache(tiny_model_dir, toy_parquet, tmp
     opts = pipeline.EmbedOptions(model=str(tiny_model_dir), layer=3)
     s1 = pipeline.Session(opts)
     r1 = pipeline.score_file(toy_parquet, tmp_path / "a.parquet", opts=opts, columns=pipeline.ColumnOptions(), session=s1)
-    assert len(s1.cache.layer(3)) == 12 + 48  # the dataset's rows and the anchors
+    assert len(s1.cache.layer(3)) == 12 + len(load_anchor_records())  # the dataset's rows and the anchors
     s2 = pipeline.Session(opts)
     r2 = pipeline.score_file(toy_parquet, tmp_path / "b.parquet", opts=opts, columns=pipeline.ColumnOptions(), session=s2)
     assert s2.embedder.forward_calls == 0 and r1.detector.detector_id == r2.detector.detector_id

@@ -225,7 +225,7 @@ def test_labels_in_duckdb_beside_the_scores(scored_mix, tmp_path):
 
 def test_calibrate_reads_an_audit_file(scored_mix, tmp_path):
     """`saft-gx calibrate --labels audit.csv`: row_id and label are what calibrate matches on."""
-    from saft_gx.calibrate import labels_from_file
+    from saft_gx.labelled import labels_from_file
     from saft_gx.readers import open_dataset
 
     path, df = scored_mix

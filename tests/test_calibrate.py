@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from saft_gx import Detector, MomentStats, SaftError
-from saft_gx.calibrate import (ThresholdTarget, anchor_detector, calibrate, fit_variant, labels_from_column,
-                               labels_from_file, parse_labels, stratified_folds, target_from_options)
+from saft_gx.calibrate import (ThresholdTarget, anchor_detector, calibrate, fit_variant, stratified_folds,
+                               target_from_options)
+from saft_gx.labelled import labels_from_column, labels_from_file, parse_labels
 from saft_gx.metrics import auroc
 from saft_gx.readers import open_dataset
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import pipeline
+from saft_gx import defaults, pipeline
 from saft_gx.cli import cli
 
 SAFT_COLUMNS = ["row_id", "text_sha256", "harm_score", "harm_flag", "detector_id"]
@@ -86,7 +86,7 @@ def test_fit_then_score_other_file_with_detector(run, toy_parquet, tmp_path):
     assert r.exit_code == 0, r.output
     meta = json.loads((det / "detector.json").read_text())
     assert meta["k"] == 2 and meta["n"] == 12 and meta["threshold"] is not None
-    assert meta["layer"] == pipeline.default_layer(4)
+    assert meta["layer"] == defaults.layer_for(4, anchors=False)  # this test runs plain SAFT (--no-anchors)
     other = tmp_path / "other.parquet"
     pd.read_parquet(toy_parquet).iloc[:5].to_parquet(other)
     out = tmp_path / "o.parquet"
@@ -166,8 +166,9 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list[str], str]]:
                        "column 'response' has type int64, expected text"),
         "empty text": (pq_file("e.parquet", pd.DataFrame({"prompt": ["a", "b"], "response": ["b", ""]})), [],
                        "row 1: column 'response' is empty"),
-        "overlong": (pq_file("f.parquet", pd.DataFrame({"prompt": ["a", "long " * 1500], "response": ["b", "c"]})), [],
-                     "row 1: .* tokens, over --max-tokens 1024"),
+        "overlong, refused on request": (pq_file("f.parquet", pd.DataFrame({"prompt": ["a", "long " * 1500],
+                                                                          "response": ["b", "c"]})),
+                                         ["--overlong", "error"], "row 1: its prompt is .* tokens, over --max-tokens 1024"),
         "bad layer": (pq_file("g.parquet", pd.DataFrame({"prompt": ["a", "b"], "response": ["b", "c"]})),
                       ["--layer", "9"], "this model has layers 1..4"),
         "missing override": (pq_file("h.parquet", pd.DataFrame({"prompt": ["a"], "response": ["b"]})),
@@ -192,6 +193,23 @@ def test_bad_inputs_fail_cleanly_and_touch_nothing(tiny_model_dir, toy_parquet, 
         assert re.search(msg, lines[0]), (name, lines[0])
         assert "Traceback" not in r.output
         assert (_sha(db), _sha(out)) == before, name
+
+
+def test_long_real_rows_are_truncated_by_default_and_recorded(tiny_model_dir, tmp_path):
+    """Real chat rows exceed any cap: by default they are cut (a one-line notice counts them) and the run
+    finishes; the choice is recorded in the detector."""
+    rows = pd.DataFrame({"prompt": ["short question", "long " * 1500, "another question", "x " * 900],
+                         "response": ["a", "b", "long answer " * 800, "d"]})
+    path = tmp_path / "long.parquet"
+    rows.to_parquet(path)
+    r = CliRunner().invoke(cli, ["score", str(path), "--no-db", "--out", str(tmp_path / "o.parquet"), "--model",
+                                 str(tiny_model_dir), "--save-detector", str(tmp_path / "det"), "--max-tokens", "256"])
+    assert r.exit_code == 0, r.output
+    # prompt-end (the default) runs prompts only: the long answer of row 2 is never embedded, two prompts are cut
+    assert "note: 2 rows were over --max-tokens 256 and were truncated (prompts lost their middle" in r.output
+    meta = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert (meta["overlong"], meta["max_tokens"], meta["token"]) == ("truncate", 256, "prompt-end")
+    assert len(pd.read_parquet(tmp_path / "o.parquet")) == 4
 
 
 def test_table_with_another_schema(run, toy_parquet, tmp_path):

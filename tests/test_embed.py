@@ -40,7 +40,10 @@ def test_prompt_end_is_the_assistant_header(tiny_lm):
     [t] = emb.tokenize([row], [0])
     text, head = format_row(tiny_lm.tokenizer, row)
     head_ids = tiny_lm.tokenizer(text[:head], add_special_tokens=False)["input_ids"]
-    assert t.position == len(head_ids) - 1 < len(t.ids) - 1
+    full_ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    # only the prompt runs: the tokens after prompt-end cannot change its state in a causal model
+    assert t.position == len(head_ids) - 1 == len(t.ids) - 1 < len(full_ids) - 1
+    assert t.ids == full_ids[: t.position + 1]
     np.testing.assert_allclose(emb.embed([row])[0, 0], _reference(tiny_lm, row, 2, t.position), atol=1e-4)
     # the response does not influence the prompt-end vector (causal attention)
     other = Row(messages=(row.messages[0], ("assistant", "something else entirely")))
@@ -49,12 +52,30 @@ def test_prompt_end_is_the_assistant_header(tiny_lm):
 
 def test_overlong_rows(tiny_lm):
     long_row = [Row(messages=(("user", "word " * 300), ("assistant", "ok")))]
-    with pytest.raises(SaftError, match=r"row 0: \d+ tokens, over --max-tokens 64"):
-        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64)).tokenize(long_row, [0])
-    [t] = Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="truncate")).tokenize(long_row, [0])
-    assert len(t.ids) == 64 and t.position == 63
-    with pytest.raises(SaftError, match="prompt alone is over"):
-        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="truncate", token="prompt-end")).tokenize(long_row, [0])
+    with pytest.raises(SaftError, match=r"row 0: the row is \d+ tokens, over --max-tokens 64"):
+        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="error")).tokenize(long_row, [0])
+    # truncation is the default: a long real row never stops a run
+    [t] = Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64)).tokenize(long_row, [0])
+    assert len(t.ids) == 64 and t.position == 63 and t.truncated
+
+
+def test_overlong_prompt_keeps_its_start_and_end(tiny_lm):
+    """An over-long prompt loses its middle: the request's opening and its last words (and the assistant header,
+    whose state is read) survive."""
+    prompt = "Please help. " + "filler text " * 300 + "Now the actual question at the very end?"
+    row = Row(messages=(("user", prompt), ("assistant", "ok")))
+    with pytest.raises(SaftError, match=r"its prompt is \d+ tokens, over --max-tokens 64"):
+        Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=64, overlong="error", token="prompt-end")).tokenize([row], [0])
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(1,), max_tokens=128, token="prompt-end"))
+    [t] = emb.tokenize([row], [0])
+    text, head = format_row(tiny_lm.tokenizer, row)
+    full = tiny_lm.tokenizer(text[:head], add_special_tokens=False)["input_ids"]
+    assert t.truncated and len(t.ids) == 128 and t.position == 127
+    assert t.ids[:32] == full[:32] and t.ids[32:] == full[-96:]  # 25 % head (chat header + opening), 75 % tail
+    decoded = tiny_lm.tokenizer.decode(t.ids)
+    assert "Please help" in decoded and "actual question at the very end?" in decoded
+    [short] = emb.tokenize([Row(messages=(("user", "hi"), ("assistant", "ok")))], [0])
+    assert not short.truncated
 
 
 def test_bad_layer(tiny_lm):
