@@ -4,16 +4,20 @@
 
 If GX is already imported, the plugin is imported at once. Otherwise a one-shot import hook waits for
 ``great_expectations`` to finish importing and then imports ``saft_gx.gx``.
+
+Imports run one way: this module names the plugin only as a string for ``importlib``, and the plugin
+never imports this module (both use ``pyspark_guard``), so there is no import circle.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.abc
 import importlib.util
 import sys
 import warnings
-from typing import Any, Iterator
+from typing import Any
+
+from .pyspark_guard import pyspark_exit_guard
 
 _GX = "great_expectations"
 
@@ -24,27 +28,6 @@ def _register() -> None:
     except Exception as e:  # never break the user's own GX import
         warnings.warn(f"saft_gx: could not register the Great Expectations plugin ({type(e).__name__}: {e}); "
                       "import saft_gx.gx to see the error", RuntimeWarning, stacklevel=2)
-
-
-@contextlib.contextmanager
-def pyspark_exit_guard() -> Iterator[None]:
-    """Around an import of great_expectations: pyspark >= 4, imported by GX from a process whose
-    ``__main__`` has neither a spec nor a file (``python -c``), takes itself for a doctest run and calls
-    ``sys.exit(0)`` -- a silent success, the worst outcome for a data gate. Look interactive to it for
-    the duration of the import, and turn any such exit into an ImportError."""
-    main = sys.modules.get("__main__")
-    doctest_like = (main is not None and getattr(main, "__spec__", None) is None and not hasattr(main, "__file__")
-                    and not hasattr(sys, "ps1") and "pyspark.sql.connect" not in sys.modules)
-    if not doctest_like or importlib.util.find_spec("pyspark") is None:
-        yield
-        return
-    sys.ps1 = ""  # pyspark's test for an interactive session
-    try:
-        yield
-    except SystemExit:
-        raise ImportError("importing great_expectations called sys.exit (pyspark's doctest check)") from None
-    finally:
-        del sys.ps1
 
 
 class _ThenRegister(importlib.abc.Loader):

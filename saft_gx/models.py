@@ -6,8 +6,9 @@ A model reference is one of:
 - a local Hugging Face folder (``config.json`` + weights);
 - a hub id already in the user's Hugging Face cache (never downloaded: ``local_files_only``).
 
-Every loaded model carries a *fingerprint* (a hash of its config and weights) so a detector fitted on one
-model refuses to score with another.
+Every loaded model carries a *fingerprint* so a detector fitted on one model refuses to score with
+another: a SHA-256 over the config files and, for each weight file (or the GGUF file), its name, size and
+first and last MiB -- not the whole file (see ``_HASH_CHUNK``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class LoadedModel:
     model: Any  # a transformers causal LM
     tokenizer: Any
     model_ref: str  # what the user asked for, normalised ("default", a path, a hub id)
-    fingerprint: str  # sha256 hex over config + weights
+    fingerprint: str  # sha256 hex over config files + each weight file's name, size, first and last MiB
     num_layers: int
     hidden_size: int
     device: str
@@ -77,7 +78,8 @@ def _file_digest(path: Path, h: "hashlib._Hash") -> None:
 
 
 def fingerprint_path(path: Path) -> str:
-    """Hash of a GGUF file, or of a model folder's config and weight files."""
+    """SHA-256 of a GGUF file's name, size and first/last MiB, or of a model folder's config files and
+    the same digest of each weight file."""
     h = hashlib.sha256()
     if path.is_file():
         _file_digest(path, h)

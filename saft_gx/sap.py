@@ -1,4 +1,4 @@
-"""Safety-Aware Probing (SAP; Wu et al., arXiv 2505.16737), written from the equations in METHODS.md.
+"""Safety-Aware Probing (SAP; Wu et al., arXiv 2505.16737), written from the equations (docs/methods.md, section 6).
 
 A probe is a set of bias vectors v_l added to the residual stream (the output of decoder block l) at a few
 layers. Each optimiser step:

@@ -105,9 +105,20 @@ def test_detector_from_another_model_is_refused(run, toy_parquet, tmp_path, tiny
     (det / "detector.json").write_text(json.dumps(meta))
     r = CliRunner().invoke(cli, ["score", str(toy_parquet), "--detector", str(det), "--model", str(tiny_model_dir)])
     assert r.exit_code == 1 and "was fitted on model" in r.output
-    r = CliRunner().invoke(cli, ["score", str(toy_parquet), "--detector", str(det), "--layer", "3",
-                                 "--model", str(tiny_model_dir)])
-    assert r.exit_code == 1
+
+
+@pytest.mark.parametrize("key", ["layer", "token"])
+def test_detector_at_another_layer_or_token_is_refused(run, toy_parquet, tmp_path, tiny_model_dir, key):
+    """The fingerprint is left valid, so only the layer (or token) check can refuse: removing it fails this."""
+    det = tmp_path / "det"
+    assert run("fit", str(toy_parquet), "-o", str(det)).exit_code == 0
+    meta = json.loads((det / "detector.json").read_text())
+    other = str(meta["layer"] % 4 + 1) if key == "layer" else ("last" if meta["token"] != "last" else "mean")
+    args = ["score", str(toy_parquet), "--detector", str(det), "--model", str(tiny_model_dir), "--no-db",
+            "--out", str(tmp_path / "o.parquet")]
+    assert CliRunner().invoke(cli, args).exit_code == 0  # the same detector, unchanged options: accepted
+    r = CliRunner().invoke(cli, [*args, f"--{key}", other])
+    assert r.exit_code == 1 and f"the detector was fitted at {key} {meta[key]}" in r.output, r.output
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from saft_gx import pipeline
 from saft_gx.metrics import auroc
@@ -23,6 +24,23 @@ def _mix(n_harmful=15, n_benign=60, seed=7):
                          "label": [r["label"] for r in rows]})
 
 
+def test_the_default_model_loads_from_its_gguf_and_embeds(default_lm):
+    """Cheap enough for every run (one model load, two rows): the shipped GGUF loads through transformers
+    with the shape the defaults assume, and its vectors are finite and differ between rows."""
+    from saft_gx.embed import EmbedConfig, Embedder
+    from saft_gx.models import default_gguf_path, fingerprint_path
+    from saft_gx.rows import Row
+
+    assert (default_lm.num_layers, default_lm.hidden_size) == (30, 576)
+    assert default_lm.fingerprint == fingerprint_path(default_gguf_path())
+    rows = [Row(messages=(("user", "What is the capital of France?"), ("assistant", "Paris."))),
+            Row(messages=(("user", "Name a prime number."), ("assistant", "Seven.")))]
+    v = Embedder(default_lm, EmbedConfig(layers=(pipeline.default_layer(30),), token="last")).embed(rows)
+    assert v.shape == (2, 1, 576) and np.isfinite(v).all() and not np.allclose(v[0], v[1])
+
+
+# Minutes on 2 CPU cores (the anchors and 75 rows through the real model): --runslow.
+@pytest.mark.slow
 def test_harmful_rows_score_higher_on_the_default_model(default_lm, tmp_path):
     df = _mix()
     path = tmp_path / "mix.parquet"
@@ -35,6 +53,8 @@ def test_harmful_rows_score_higher_on_the_default_model(default_lm, tmp_path):
     a = auroc(scored["harm_score"].to_numpy(), scored["label"].to_numpy())
     length = auroc(scored["response"].str.len().to_numpy(), scored["label"].to_numpy())
     # the benchmark is honest only if length alone does not separate the classes
+    print(f"\ndefault detector AUROC {a:.3f}, response-length baseline {length:.3f} ({len(df)} rows, "
+          f"{int(df['label'].sum())} harmful)")  # shown with -s: the figures the README quotes
     assert 0.3 < length < 0.7, length
     assert a >= MIN_AUROC, f"AUROC {a:.3f} (response-length baseline {length:.3f})"
 

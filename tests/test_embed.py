@@ -89,3 +89,46 @@ def test_mean_pooling_and_plain_text(tiny_lm):
     assert v.shape == (2, 1, 32) and np.isfinite(v).all()
     with pytest.raises(SaftError, match="prompt-end needs"):
         Embedder(tiny_lm, EmbedConfig(layers=(1,), token="prompt-end")).tokenize([Row(text="x")], [0])
+
+
+def _hidden_states(lm, ids):
+    with torch.inference_mode():
+        return lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("token", ["mean", "last", "prompt-end"])
+def test_pooling_matches_full_forward(tiny_lm, token):
+    """Each pooling reads what it says from the model's own hidden states over the row's tokens: replacing
+    the mean by the first or last token, or moving the read position, fails this. Rows of different lengths
+    share padded batches, so padding must not leak into the mean."""
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(1, 3), token=token, batch_tokens=4096))
+    rows = ROWS[:6]
+    vecs = emb.embed(rows)
+    assert emb.forward_calls == 1  # one padded batch of rows of several lengths
+    for i, t in enumerate(emb.tokenize(rows, range(len(rows)))):
+        hs = _hidden_states(tiny_lm, t.ids)
+        for j, layer in enumerate((1, 3)):
+            h = hs[layer][0].numpy()
+            want = h.mean(0) if token == "mean" else h[t.position]
+            np.testing.assert_allclose(vecs[i, j], want, atol=1e-4)
+            if token == "mean":  # the test can tell the mean from either end token
+                assert not np.allclose(want, h[0], atol=1e-3) and not np.allclose(want, h[-1], atol=1e-3)
+        if token == "last":
+            assert t.position == len(t.ids) - 1
+
+
+def test_last_layer_is_the_block_output_before_the_final_norm(tiny_lm):
+    """Layer L is the output of decoder block L at every depth, the last included. transformers'
+    ``hidden_states[num_layers]`` has the model's final norm applied on top, so at L = num_layers the two
+    differ by exactly that norm (docs/methods.md, "Which hidden state")."""
+    n = tiny_lm.num_layers
+    emb = Embedder(tiny_lm, EmbedConfig(layers=(n,), token="last"))
+    row = ROWS[4]
+    [t] = emb.tokenize([row], [0])
+    v = emb.embed([row])[0, 0]
+    hs = _hidden_states(tiny_lm, t.ids)
+    assert len(hs) == n + 1
+    assert not np.allclose(v, hs[n][0, -1].numpy(), atol=1e-3)
+    with torch.inference_mode():
+        normed = tiny_lm.model.model.norm(torch.tensor(v)[None])[0].numpy()
+    np.testing.assert_allclose(normed, hs[n][0, -1].numpy(), atol=1e-4)

@@ -34,8 +34,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_dir, tmp_path)
     cache = tmp_path / "cache_killed"
     db = tmp_path / "killed.duckdb"
     proc = _score([*common, "--db", db, "--out", tmp_path / "killed.parquet"], cache)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    # Wait on the run's own progress (two finished cache chunks), not on the clock: a loaded machine only
+    # makes this slower. The loop ends when the marker appears or the process exits by itself.
+    while proc.poll() is None:
         if len(list(cache.rglob("*.keys.npy"))) >= 2:
             proc.send_signal(signal.SIGKILL)
             break

@@ -17,7 +17,7 @@ and reports success for what is left: ``saft_gx.gx.gate.verdict`` refuses such a
 
 from __future__ import annotations
 
-from .._gx_hook import pyspark_exit_guard
+from ..pyspark_guard import pyspark_exit_guard
 
 with pyspark_exit_guard():
     import great_expectations  # noqa: F401
