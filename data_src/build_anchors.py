@@ -19,8 +19,20 @@ OUT = ROOT.parent / "saft_gx" / "data" / "anchors.jsonl.gz"
 KEYS = ("prompt", "response", "label", "category", "framing", "lang")
 
 
+EVALUATION = ("harmful_pool", "benign_pool", "harmful_disguised", "benign_long")
+
+
+def evaluation_prompts() -> set[str]:
+    """Prompts of the detection benchmark's own held-out rows: never anchors, even when written alike."""
+    out = set()
+    for name in EVALUATION:
+        out |= {json.loads(line)["prompt"].strip().lower() for line in (ROOT / f"{name}.jsonl").read_text().splitlines()
+                if line.strip()}
+    return out
+
+
 def records() -> list[dict]:
-    out, seen = [], set()
+    out, seen, held_out = [], set(), evaluation_prompts()
     files = sorted((ROOT / "anchors").glob("*.jsonl")) + [ROOT / "harmful_anchors.jsonl", ROOT / "benign_anchors.jsonl"]
     for f in files:
         for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
@@ -29,7 +41,7 @@ def records() -> list[dict]:
             r = json.loads(line)
             if not str(r.get("prompt", "")).strip() or not str(r.get("response", "")).strip() or r.get("label") not in (0, 1):
                 raise SystemExit(f"{f.name}:{n}: needs a prompt, a response and a 0/1 label")
-            if r["prompt"] in seen:
+            if r["prompt"] in seen or r["prompt"].strip().lower() in held_out:
                 continue
             seen.add(r["prompt"])
             r.setdefault("framing", "plain")

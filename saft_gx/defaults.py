@@ -14,7 +14,7 @@ TOKEN = "prompt-end"
 LAYER_FRACTION = 18 / 30
 K = 32
 VARIANT = "probe"
-PROBABILITY_THRESHOLD = 0.7
+PROBABILITY_THRESHOLD = 0.9  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
 
 # plain SAFT (--no-anchors): measured on our own rows with tests/bench/layer_sweep.py
 PLAIN_TOKEN = "last"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saft_gx import pipeline
+from saft_gx import defaults, pipeline
 from saft_gx.metrics import auroc
 
 DATA = Path(__file__).resolve().parents[1] / "data_src"
@@ -35,7 +35,7 @@ def test_the_default_model_loads_from_its_gguf_and_embeds(default_lm):
     assert default_lm.fingerprint == fingerprint_path(default_gguf_path())
     rows = [Row(messages=(("user", "What is the capital of France?"), ("assistant", "Paris."))),
             Row(messages=(("user", "Name a prime number."), ("assistant", "Seven.")))]
-    v = Embedder(default_lm, EmbedConfig(layers=(pipeline.default_layer(30),), token="last")).embed(rows)
+    v = Embedder(default_lm, EmbedConfig(layers=(defaults.layer_for(30),), token=defaults.TOKEN)).embed(rows)
     assert v.shape == (2, 1, 576) and np.isfinite(v).all() and not np.allclose(v[0], v[1])
 
 
