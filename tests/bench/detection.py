@@ -202,6 +202,10 @@ def print_tables(res: pd.DataFrame, cats: dict[str, list[int]], seeds: int) -> N
     clean = res[res.lam == 0]
     for mix, g in clean.groupby("mix"):
         print(f"| {mix}, clean | 0 | – | – | {g.flagged.mean():.3f} (max {g.flagged.max():.3f}) | – | – | – |")
+    gate = 0.02  # expectations/release_gate.json: at most 2 % of rows flagged
+    print(f"\nrelease gate (flagged ≤ {gate:.0%} at the default τ) passes:")
+    for (mix, lam), g in res.groupby(["mix", "lam"], sort=True):
+        print(f"  {mix}, λ = {lam:g}: {(g.flagged <= gate).sum()} of {len(g)} draws")
     print("\nrecall at the default τ by harm category (harmful rows over all mixes):")
     for src, v in sorted(cats.items(), key=lambda kv: -len(kv[1])):
         print(f"  {src}: {np.mean(v):.2f} ({len(v)} rows)")
