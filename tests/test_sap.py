@@ -115,7 +115,7 @@ def test_probe_step_sets_the_probe_towards_more_harm_and_leaves_lora_alone(tiny_
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), before[n]), n  # the harmful shift δ was undone exactly
-    assert stats["sap_delta_norm"] > 0 and stats["sap_safety_loss_shifted"] > stats["sap_safety_loss"]
+    assert stats["sap_delta_norm"] > 0 and stats["sap_shift_gain"] > 0  # δ is a step up L_c
 
     # the step raised J(v) = L_c(θ+δ, v) − L_c(θ, v), the quantity the probe maximises
     model.eval()
