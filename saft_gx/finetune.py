@@ -213,6 +213,7 @@ class _Dataset:
 
 def _make_trainer(model: Any, args: Any, data: list[Example], pad_id: int, sap: Any, callbacks: list[Any]) -> Any:
     from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     class _Trainer(Trainer):
         """Trainer with our loss: the summed NLL of the response tokens divided by the response tokens of the
@@ -247,7 +248,10 @@ def _make_trainer(model: Any, args: Any, data: list[Example], pad_id: int, sap: 
         b["shift_labels"] = b["labels"][:, 1:]  # what Trainer counts as this batch's loss tokens
         return b
 
-    return _Trainer(model=model, args=args, train_dataset=_Dataset(data), data_collator=collator, callbacks=callbacks)
+    trainer = _Trainer(model=model, args=args, train_dataset=_Dataset(data), data_collator=collator, callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # our callback logs; theirs would print dicts to stdout
+        trainer.remove_callback(printer)
+    return trainer
 
 
 def _callback(trainer_ref: list[Any], sap: Any, log_path: Path, t0: float, on_step: Callable[[dict[str, Any]], None] | None,
@@ -361,6 +365,11 @@ def train(data: str | Path, out_dir: str | Path, config: FinetuneConfig | None =
 
     model = lm.model
     model.config.use_cache = False
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in str(getattr(quantizer.quantization_config, "quant_method", "")).lower():
+        # a GGUF file is de-quantised to plain float tensors at load; the marker left behind would make
+        # Trainer refuse to train (trainer_utils.validate_quantization_for_training) a model it can train
+        quantizer.remove_quantization_config(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:

@@ -182,6 +182,7 @@ def test_filter_then_finetune_on_the_kept_rows(tiny_model_dir, tmp_path):
                                    "--model", str(tiny_model_dir), "--max-steps", "1", "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "kept 4, removed 2" in res.output and "sft fine-tune: 1 steps on 4 rows" in res.output
+    assert "train_runtime" not in res.output  # Trainer's own printer is off: the command's lines only
     cfg = json.loads((out / "finetune" / "finetune_config.json").read_text())
     assert cfg["data"] == str((out / "kept.parquet").resolve()) and cfg["rows"] == 4
     assert (out / "finetune" / "adapter" / "adapter_model.safetensors").exists()

@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--sap-batch-size", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0, help="data seed: which rows, which triples are held out")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     args = ap.parse_args()
+    device = None if args.device == "auto" else args.device
 
     import torch
 
@@ -144,10 +146,10 @@ def main() -> None:
             t0 = time.perf_counter()
             if not (out / "adapter" / "saft_gx_adapter.json").exists():
                 log(f"fine-tuning {key} on {paths[data].name}")
-                train(paths[data], out, cfg, columns=cols, device="cpu")
+                train(paths[data], out, cfg, columns=cols, device=device)
             t_train = time.perf_counter() - t0
             if base_lm is None:
-                base_lm = load_model(args.model, device="cpu")
+                base_lm = load_model(args.model, device=device)
                 base_model = base_lm.model
             lm = copy.copy(base_lm)
             lm.model = copy.deepcopy(base_model)
