@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="data seed: which rows, which triples are held out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--table-only", action="store_true",
+                    help="print the table from the stored results; train and evaluate nothing")
     args = ap.parse_args()
     device = None if args.device == "auto" else args.device
 
@@ -135,7 +137,7 @@ def main() -> None:
     for name, data, over in arms:
         for seed in seeds:
             key = f"{name} seed={seed}" + (f" max_steps={args.max_steps}" if args.max_steps else "")
-            if key in results:
+            if key in results or args.table_only:
                 continue
             slug = "".join(c if c.isalnum() or c in "-.=" else "_" for c in name)
             out = sweep / f"{slug}_s{seed}" if not args.max_steps else sweep / f"{slug}_s{seed}_max{args.max_steps}"
@@ -185,13 +187,15 @@ def main() -> None:
     head = ("arm", "seeds", "steps", "refusal margin ↑", "gain vs sft, 95 % CI", "gain vs random, 95 % CI",
             "benign loss ↓", "vs sft", "mean ‖v‖")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    sft_loss = np.mean([r["benign_loss"] for r in per_seed("sft").values()]) if per_seed("sft") else None
     for name, _data, _over in arms:
-        rs = per_seed(name)
+        rs = per_seed(name)  # the seeds this arm has results for (fewer than --seeds if it was stopped)
         if not rs:
             continue
         loss = float(np.mean([r["benign_loss"] for r in rs.values()]))
-        rel = f"{(loss / sft_loss - 1) * 100:+.2f} %" if sft_loss else "–"
+        ref = per_seed("sft")
+        same = sorted(set(rs) & set(ref))  # the benign loss against plain SFT's with the same seeds
+        rel = (f"{(np.mean([rs[x]['benign_loss'] for x in same]) / np.mean([ref[x]['benign_loss'] for x in same]) - 1) * 100:+.2f} %"
+               if same else "–")
         probes = [r["mean_probe_norm"] for r in rs.values() if r["mean_probe_norm"] is not None]
         probe = f"{np.mean(probes):.3g}" if probes else "–"
         lines.append(f"| {name} | {len(rs)} | {int(np.mean([r['steps'] for r in rs.values()]))} | "
