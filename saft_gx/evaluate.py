@@ -94,7 +94,7 @@ def generate(lm: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch
     import torch
     from transformers import GenerationConfig
 
-    from .finetune import prompt_text
+    from .lm_data import prompt_text
     from .rows import uses_chat_template
 
     tok = lm.tokenizer
@@ -127,7 +127,7 @@ def benign_loss(lm: Any, path: str | Path, *, max_length: int = 512, batch_size:
     """Mean per-token loss (and perplexity) of the responses in a prompt/response file."""
     import torch
 
-    from .finetune import collate, load_examples, token_nll
+    from .lm_data import collate, load_examples, token_nll
 
     data = load_examples(path, lm.tokenizer, max_length, columns)
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
@@ -150,12 +150,12 @@ def refusal_preference(lm: Any, triples: Sequence[tuple[str, str, str]], *, max_
     - ``refusal_preferred``: fraction of triples whose refusal has the higher mean log-probability per
       answer token (per token, so a shorter answer is not favoured for being short);
     - ``refusal_margin``: the mean of that per-token difference, in nats;
-    - ``safety_loss``: the SAP contrastive loss L_c (log-probabilities summed over answer tokens).
+    - ``safety_loss``: the SAP contrastive loss L_c on those per-token log-probabilities (SAP's default).
 
     ``per_triple``, when given, receives each triple's per-token margin (for paired comparisons)."""
     import torch
 
-    from .finetune import IGNORE, collate
+    from .lm_data import IGNORE, collate
     from .sap import contrastive_loss, encode_triples, triple_logprobs
 
     pairs = encode_triples(lm.tokenizer, triples, max_length)
@@ -175,7 +175,7 @@ def refusal_preference(lm: Any, triples: Sequence[tuple[str, str, str]], *, max_
     if per_triple is not None:
         per_triple.extend(float(x) for x in per_tok)
     return {"refusal_preferred": float((per_tok > 0).float().mean()), "refusal_margin": float(per_tok.mean()),
-            "safety_loss": float(contrastive_loss(r, h)), "triples": len(pairs)}
+            "safety_loss": float(contrastive_loss(r / n[0], h / n[1])), "triples": len(pairs)}
 
 
 @dataclass
@@ -203,7 +203,7 @@ def evaluate_model(model: str | None, *, harmful: str | Path, benign: str | Path
                    prompt_column: str | None = None, columns: Any = None, lm: Any = None) -> ModelReport:
     """Refusal rate on ``harmful`` prompts, loss on ``benign`` rows, and (with ``triples``) the refusal
     preference, for a model with an optional LoRA adapter."""
-    from .finetune import load_adapter
+    from .adapter import load_adapter
     from .models import load_model
     from .sap import load_safety_triples
 

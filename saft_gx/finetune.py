@@ -13,6 +13,17 @@ The output folder holds ``adapter/`` (a peft adapter plus ``saft_gx_adapter.json
 fingerprint), ``finetune_config.json`` (everything that decides the result), ``train_log.jsonl`` (one
 line per optimiser step) and ``checkpoints/``. A killed run started again with the same command resumes
 from its last checkpoint.
+
+**The loop is ``transformers.Trainer``** (not TRL's ``SFTTrainer``: our rows are already tokenised with
+response-only labels, which is all SFTTrainer would add, and it would pull in another dependency).
+Trainer owns the optimiser (AdamW, no weight decay), the LR schedule, gradient accumulation, distributed
+launch (torchrun / accelerate set the environment; Trainer wraps the model in DDP), checkpoints
+(``checkpoints/checkpoint-N``: adapter, optimiser, scheduler, RNG, data position) and resuming. What is
+ours is small: ``_Trainer.compute_loss`` (summed response-token NLL over the tokens of the whole
+optimiser step, so rows weigh by their answer length and gradient accumulation changes nothing), a
+callback that runs SAP's probe step at the start of every optimiser step and keeps its probe optimiser in
+each checkpoint, and the per-step ``train_log.jsonl`` that ``read_log`` reads. Around it: the run-identity
+check (a folder resumes only the same settings and data) and the atomic adapter write.
 """
 
 from __future__ import annotations
@@ -21,25 +32,25 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
-
+from .adapter import ADAPTER_META, load_adapter
 from .errors import SaftError
-from .rows import Row, format_row, rows_from_frame, uses_chat_template
+# re-exported: these lived here before lm_data.py; callers may import them from saft_gx.finetune
+from .lm_data import (IGNORE, EncodedData, Example, collate, encode_row, load_examples, prompt_text,  # noqa: F401
+                      sequence_logprobs, token_nll)
 
 METHODS = ("sft", "sap")
 DEFAULT_TARGET_MODULES = ("q_proj", "v_proj")
-ADAPTER_META = "saft_gx_adapter.json"
 CONFIG_FILE = "finetune_config.json"
 LOG_FILE = "train_log.jsonl"
-IGNORE = -100  # label of tokens that carry no loss
+PROBE_STATE = "sap_probe.pt"  # SAP's probe optimiser, saved inside each Trainer checkpoint
 
 # Settings that do not change the trained weights: a resumed run may differ in these.
 _NOT_IDENTITY = ("save_steps", "keep_checkpoints")
@@ -73,6 +84,8 @@ class FinetuneConfig:
     sap_probe_lr: float = 0.05
     sap_layers: tuple[int, ...] | None = None  # None: layers ≈ 3/32 … 9/32 of the depth
     sap_batch_size: int = 4
+    sap_probe_steps: int = 1  # Adam steps on the (reset) probe before each optimiser step
+    sap_per_token: bool = True  # L_c on mean per-token log-probs (False: summed, the paper's; saturates)
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -81,7 +94,7 @@ class FinetuneConfig:
         if self.method not in METHODS:
             bad(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
         for name in ("lora_r", "lora_alpha", "epochs", "max_length", "batch_size", "grad_accum", "save_steps",
-                     "keep_checkpoints", "sap_batch_size"):
+                     "keep_checkpoints", "sap_batch_size", "sap_probe_steps"):
             if int(getattr(self, name)) < 1:
                 bad(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_length < 8:
@@ -120,199 +133,7 @@ class FinetuneConfig:
         return cls(**kw)
 
 
-# ---- turning rows into training examples -------------------------------------------------------------
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int]  # IGNORE on prompt tokens; the token id on response tokens (EOS included)
-    truncated: bool = False
-
-    @property
-    def n_target(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
-
-
-def encode_row(tokenizer: Any, row: Row, max_length: int) -> Example:
-    """Token ids of ``format_row(row)`` and labels that keep only the response part (everything after
-    the assistant header, the end-of-turn token included). Rows over ``max_length`` are cut."""
-    if row.messages is None:
-        raise SaftError("plain-text rows have no response to train on; give prompt/response or messages columns")
-    text, head = format_row(tokenizer, row)
-    templated = uses_chat_template(tokenizer)
-    enc = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=bool(getattr(tokenizer, "is_fast", False)))
-    ids = list(enc["input_ids"])
-    offsets = enc.get("offset_mapping")
-    if offsets is not None:
-        is_prompt = [s < head for s, _e in offsets]
-        if not templated:  # special tokens added by the tokenizer (BOS) carry (0, 0) offsets
-            is_prompt = [p or (s == e == 0) for p, (s, e) in zip(is_prompt, offsets)]
-    else:
-        n_head = len(tokenizer(text[:head], add_special_tokens=not templated)["input_ids"])
-        is_prompt = [i < n_head for i in range(len(ids))]
-    labels = [IGNORE if p else t for t, p in zip(ids, is_prompt)]
-    truncated = len(ids) > max_length
-    if truncated:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return Example(ids, labels, truncated)
-
-
-def prompt_text(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
-    """The text a model is given to answer ``messages`` (ending with the assistant header): the prompt
-    part of ``format_row``, so generation sees exactly what training and scoring saw."""
-    text, head = format_row(tokenizer, Row(messages=tuple(messages) + (("assistant", "x"),)))
-    return text[:head]
-
-
-@dataclass
-class EncodedData:
-    examples: list[Example]
-    rows: int
-    truncated: int
-    skipped: int  # rows whose prompt alone fills max_length: nothing left to learn from
-    sha256: str
-    columns: dict[str, Any]
-
-
-def load_examples(path: str | Path, tokenizer: Any, max_length: int, columns: Any = None) -> EncodedData:
-    """Read a prompt/response (or messages) file and encode every row."""
-    from .pipeline import ColumnOptions
-    from .readers import open_dataset
-
-    ds = open_dataset(path)
-    spec = (columns or ColumnOptions()).resolve(ds)
-    if spec.text:
-        raise SaftError(f"{path}: fine-tuning needs prompt/response or messages columns, not one text column")
-    examples: list[Example] = []
-    truncated = skipped = rows = 0
-    for first, df in ds.frames(spec.columns):
-        for row in rows_from_frame(df, spec, first):
-            rows += 1
-            ex = encode_row(tokenizer, row, max_length)
-            if ex.n_target == 0:
-                skipped += 1
-                continue
-            truncated += ex.truncated
-            examples.append(ex)
-    if rows == 0:
-        raise SaftError(f"{path}: the dataset has no rows; nothing to fine-tune on")
-    if not examples:
-        raise SaftError(f"{path}: every row's prompt fills --max-length {max_length}; raise it")
-    return EncodedData(examples, rows, truncated, skipped, ds.sha256(), spec.to_dict())
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, Any]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE on padding)."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[b, :n] = torch.tensor(e.input_ids)
-        mask[b, :n] = 1
-        labels[b, :n] = torch.tensor(e.labels)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def token_nll(logits: Any, labels: Any) -> Any:
-    """Per-token negative log-likelihood with the next-token shift: position t's logits predict token
-    t+1. Returns (B, T-1); zero where the label is IGNORE."""
-    import torch.nn.functional as F
-
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                          ignore_index=IGNORE, reduction="none")
-    return nll.view(shift_labels.shape)
-
-
-def sequence_logprobs(logits: Any, labels: Any) -> Any:
-    """Σ_t log p(label_t | tokens < t) over each row's labelled tokens (teacher forcing, shifted). (B,)"""
-    return -token_nll(logits, labels).sum(dim=1)
-
-
-# ---- adapters ----------------------------------------------------------------------------------------
-
-def load_adapter(lm: Any, adapter_dir: str | Path, *, merge: bool = True) -> Any:
-    """Apply a saved LoRA adapter to ``lm.model`` (in place: ``lm.model`` becomes the tuned model).
-    Refuses an adapter trained on another base model."""
-    from peft import PeftModel
-
-    path = Path(adapter_dir)
-    if (path / "adapter" / "adapter_config.json").exists():
-        path = path / "adapter"  # a fine-tune output folder
-    if not (path / "adapter_config.json").exists():
-        raise SaftError(f"--adapter {adapter_dir}: no adapter_config.json (expected a folder written by saft-gx finetune)")
-    meta_path = path / ADAPTER_META
-    if meta_path.exists():
-        lm.refuse_other_model(json.loads(meta_path.read_text()), f"--adapter {adapter_dir} was trained",
-                            "pass the matching --model")
-    try:
-        model = PeftModel.from_pretrained(lm.model, str(path), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        msg = str(e).strip().splitlines()
-        raise SaftError(f"--adapter {adapter_dir} does not fit model {lm.model_ref!r} "
-                        f"({msg[0] if msg else type(e).__name__}…)") from None
-    model.eval()
-    if merge:
-        model = model.merge_and_unload()
-    lm.model = model
-    return lm
-
-
-# ---- distributed launch (torchrun / accelerate launch set these variables) ---------------------------
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _dist_setup(device: str | None) -> tuple[_Dist, str | None]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist(), device
-    import torch
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and device not in ("cpu",):
-        torch.cuda.set_device(local)
-        device, backend = f"cuda:{local}", "nccl"
-    else:
-        device, backend = "cpu", "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return _Dist(dist.get_rank(), dist.get_world_size(), local), device
-
-
-def _barrier(d: _Dist) -> None:
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _mean_across(d: _Dist, value: float, device: str) -> float:
-    if d.world <= 1:
-        return value
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t.item()) / d.world
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
+# ---- files ------------------------------------------------------------------------------------------
 
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -334,18 +155,14 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _checkpoints(out: Path) -> list[Path]:
-    folder = out / "checkpoints"
-    if not folder.exists():
-        return []
-    cps = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").exists()]
-    return sorted(cps, key=lambda p: int(p.name.split("-")[1]))
-
-
-def _lora_state(model: Any) -> dict[str, Any]:
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+def _last_checkpoint(folder: Path, need: tuple[str, ...] = ()) -> Path | None:
+    """The newest complete Trainer checkpoint. Trainer writes ``trainer_state.json`` last, so a folder
+    without it (a kill during the save) is skipped, as is one without the files in ``need``."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").exists() and all((p / n).exists() for n in need)]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 # ---- training --------------------------------------------------------------------------------------
@@ -363,10 +180,132 @@ class FinetuneResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _lr_at(cfg: FinetuneConfig, step: int, total: int) -> float:
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * max(0.0, 1.0 - step / max(1, total))
+def _training_args(cfg: FinetuneConfig, out: Path, device: str | None) -> Any:
+    from transformers import TrainingArguments
+
+    if device not in (None, "cpu", "cuda"):
+        raise SaftError(f"--device {device}: give auto, cpu or cuda (pick a GPU with CUDA_VISIBLE_DEVICES; "
+                        "several with torchrun or accelerate launch)")
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_schedule, warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", max_grad_norm=0.0,  # no clipping, as before the move to Trainer
+        seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.keep_checkpoints, logging_strategy="no", report_to="none", disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=device == "cpu",
+        ddp_find_unused_parameters=False, average_tokens_across_devices=True)
+
+
+class _Dataset:
+    """The encoded rows as a map-style dataset (Trainer's sampler needs ``len`` and indexing)."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Example:
+        return self.examples[i]
+
+
+def _make_trainer(model: Any, args: Any, data: list[Example], pad_id: int, sap: Any, callbacks: list[Any]) -> Any:
+    from transformers import Trainer
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class _Trainer(Trainer):
+        """Trainer with our loss: the summed NLL of the response tokens divided by the response tokens of the
+        whole optimiser step (``num_items_in_batch``, counted by Trainer over all micro-batches and
+        processes from the ``shift_labels`` the collator gives), with SAP's probe added when it is on."""
+
+        model_accepts_loss_kwargs = True  # makes Trainer count num_items_in_batch
+        loss_is_scaled_for_ga = True  # ...and we divide by it ourselves
+
+        def __init__(self, *a: Any, **kw: Any) -> None:
+            super().__init__(*a, **kw)
+            self.model_accepts_loss_kwargs = True
+            self.step_nll = 0.0  # this process's summed NLL and tokens in the current optimiser step
+            self.step_tokens = 0
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            labels = inputs["labels"]
+            with sap.probe_active() if sap is not None else nullcontext():
+                out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            nll = token_nll(out.logits, labels).sum()
+            n_local = int((labels[:, 1:] != IGNORE).sum())
+            self.step_nll += float(nll.detach())
+            self.step_tokens += n_local
+            loss = nll / (num_items_in_batch if num_items_in_batch is not None else max(1, n_local))
+            if self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients over processes; the count is global
+            return (loss, out) if return_outputs else loss
+
+    def collator(examples: list[Example]) -> dict[str, Any]:
+        b = collate(examples, pad_id)
+        b["shift_labels"] = b["labels"][:, 1:]  # what Trainer counts as this batch's loss tokens
+        return b
+
+    trainer = _Trainer(model=model, args=args, train_dataset=_Dataset(data), data_collator=collator, callbacks=callbacks)
+    for printer in (PrinterCallback, ProgressCallback):  # our callback logs; theirs would print dicts to stdout
+        trainer.remove_callback(printer)
+    return trainer
+
+
+def _callback(trainer_ref: list[Any], sap: Any, log_path: Path, t0: float, on_step: Callable[[dict[str, Any]], None] | None,
+              say: Callable[[str], None], first_last: list[float | None], steps_per_epoch: int) -> Any:
+    import torch
+    from transformers import TrainerCallback
+
+    class _Steps(TrainerCallback):
+        """SAP's probe step before each optimiser step; one log line after it; a checkpoint at the end
+        of every epoch and of the run, beside Trainer's every ``save_steps``."""
+
+        sap_record: dict[str, Any] = {}
+        lr_used = float("nan")
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            trainer = trainer_ref[0]
+            trainer.step_nll, trainer.step_tokens = 0.0, 0
+            if sap is not None:
+                self.sap_record = sap.probe_step(step=state.global_step)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            trainer = trainer_ref[0]
+            totals = torch.tensor([trainer.step_nll, float(trainer.step_tokens)], dtype=torch.float64,
+                                  device=args.device)
+            if args.world_size > 1:
+                totals = trainer.accelerator.reduce(totals, reduction="sum")
+            nll, n_tok = float(totals[0]), float(totals[1])
+            loss = nll / max(1.0, n_tok)
+            first_last[0] = loss if first_last[0] is None else first_last[0]
+            first_last[1] = loss
+            step, total = state.global_step, state.max_steps
+            record = {"step": step, "epoch": round(state.epoch, 6), "loss": round(loss, 6), "lr": self.lr_used,
+                      "tokens": int(n_tok), "seconds": round(time.perf_counter() - t0, 2), **self.sap_record}
+            if state.is_world_process_zero:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if step % max(1, steps_per_epoch // 10 or 1) == 0 or step == total:
+                say(f"step {step}/{total}  loss {loss:.4f}  lr {record['lr']:.2e}  {record['seconds']:.0f} s")
+            if step % steps_per_epoch == 0 or step == total:
+                control.should_save = True
+            if on_step is not None:
+                on_step(record)  # before this step's checkpoint is written
+            return control
+
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.lr_used = float(trainer_ref[0].lr_scheduler.get_last_lr()[0])  # the rate this update uses
+
+        def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if sap is not None and state.is_world_process_zero:
+                cp = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if cp.is_dir():
+                    torch.save(sap.state_dict(), cp / PROBE_STATE)
+
+    return _Steps()
 
 
 def train(data: str | Path, out_dir: str | Path, config: FinetuneConfig | None = None, *,
@@ -378,163 +317,96 @@ def train(data: str | Path, out_dir: str | Path, config: FinetuneConfig | None =
 
     A folder holding an unfinished run with the same settings and data is resumed from its last
     checkpoint; one with other settings, or a finished run, is an error unless ``force`` (start over).
-    ``on_step`` gets each step's log record (tests use it to interrupt a run)."""
+    ``on_step`` gets each step's log record before that step's checkpoint is written (tests use it to
+    interrupt a run)."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from accelerate import PartialState
+    from peft import LoraConfig, get_peft_model
 
     from . import __version__
     from .models import load_model
-
-    cfg = config or FinetuneConfig()
-    dist_info, device = _dist_setup(device)
-    say = log if (log is not None and dist_info.main) else (lambda _m: None)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SaftError(f"--out-dir {out}: exists and is not a folder")
-    torch.manual_seed(cfg.seed)
-
-    # check the inputs before spending time on the model
     from .pipeline import ColumnOptions
     from .readers import open_dataset
 
+    cfg = config or FinetuneConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SaftError(f"--out-dir {out}: exists and is not a folder")
+    args = _training_args(cfg, out, device)  # also sets up torch.distributed under torchrun / accelerate
+    state = PartialState()
+    say = log if (log is not None and state.is_main_process) else (lambda _m: None)
+    torch.manual_seed(cfg.seed)
+
+    # check the inputs before spending time on the model
     (columns or ColumnOptions()).resolve(open_dataset(data))
-    sap = None
     if cfg.method == "sap":
         from .sap import SAP, load_safety_triples
 
         triples, triples_sha = load_safety_triples(cfg.safety_set)
-    lm = load_model(cfg.model, device=device, dtype=cfg.dtype)
+    lm = load_model(cfg.model, device=str(args.device), dtype=cfg.dtype)
     tok = lm.tokenizer
     data_enc = load_examples(data, tok, cfg.max_length, columns)
     run_info: dict[str, Any] = {
         "config": cfg.identity(),
         "data": str(Path(data).resolve()), "data_sha256": data_enc.sha256, "columns": data_enc.columns,
-        "model": lm.model_ref, "model_fingerprint": lm.fingerprint, "world_size": dist_info.world,
+        "model": lm.model_ref, "model_fingerprint": lm.fingerprint, "world_size": args.world_size,
     }
     if cfg.method == "sap":
         run_info["safety_set_sha256"] = triples_sha
-    if force and dist_info.main and out.exists():
+    if force and state.is_main_process and out.exists():
         for name in ("adapter", "checkpoints", CONFIG_FILE, LOG_FILE):
             p = out / name
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    _barrier(dist_info)
-
-    _start_or_check_run(out, run_info, write=dist_info.main, extra={
+    state.wait_for_everyone()
+    _start_or_check_run(out, run_info, write=state.is_main_process, extra={
         "rows": data_enc.rows, "rows_truncated": data_enc.truncated, "rows_skipped": data_enc.skipped,
         "saft_gx_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-    _barrier(dist_info)
+    state.wait_for_everyone()
 
     model = lm.model
     model.config.use_cache = False
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" in str(getattr(quantizer.quantization_config, "quant_method", "")).lower():
+        # a GGUF file is de-quantised to plain float tensors at load; the marker left behind would make
+        # Trainer refuse to train (trainer_utils.validate_quantization_for_training) a model it can train
+        quantizer.remove_quantization_config(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
         model = get_peft_model(model, lora)
     except ValueError as e:
         raise SaftError(f"--target-modules {','.join(cfg.target_modules)}: {str(e).splitlines()[0]}") from None
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sap = None
     if cfg.method == "sap":
         sap = SAP(model, tok, triples, layers=cfg.sap_layers, rho=cfg.sap_rho, probe_lr=cfg.sap_probe_lr,
-                  batch_size=cfg.sap_batch_size, max_length=cfg.max_length, seed=cfg.seed + 7919 * dist_info.rank)
-    wrapped = model
-    if dist_info.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+                  batch_size=cfg.sap_batch_size, max_length=cfg.max_length, probe_steps=cfg.sap_probe_steps,
+                  per_token=cfg.sap_per_token, seed=cfg.seed + 7919 * state.process_index)
 
-        wrapped = DDP(model, device_ids=[dist_info.local_rank] if str(lm.device).startswith("cuda") else None)
+    checkpoint = _last_checkpoint(out / "checkpoints", (PROBE_STATE,) if sap is not None else ())
+    resumed_from = None
+    if checkpoint is not None:
+        resumed_from = int(checkpoint.name.split("-")[-1])
+        if sap is not None:
+            sap.load_state_dict(torch.load(checkpoint / PROBE_STATE, map_location=lm.device, weights_only=True))
+    log_path = out / LOG_FILE
+    seconds_before = _trim_log(log_path, resumed_from or 0) if state.is_main_process else 0.0
+    t0 = time.perf_counter() - seconds_before  # the log's seconds count the whole run, across resumes
 
     n = len(data_enc.examples)
-    micro_per_epoch = math.ceil(n / cfg.batch_size)
-    per_step = dist_info.world * cfg.grad_accum
-    steps_per_epoch = math.ceil(micro_per_epoch / per_step)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    global_step, resumed_from = 0, None
-    cps = _checkpoints(out)
-    if cps:
-        cp = cps[-1]
-        state = json.loads((cp / "state.json").read_text())
-        set_peft_model_state_dict(model, load_file(str(cp / "adapter.safetensors"), device=str(lm.device)))
-        optimizer.load_state_dict(torch.load(cp / "optimizer.pt", map_location=lm.device, weights_only=True))
-        torch.set_rng_state(torch.load(cp / "rng.pt", weights_only=True))
-        if sap is not None and (cp / "probe_optimizer.pt").exists():
-            sap.load_state_dict(torch.load(cp / "probe_optimizer.pt", map_location=lm.device, weights_only=True))
-        global_step = resumed_from = int(state["global_step"])
-        say(f"resuming from checkpoint step {global_step} of {total_steps}")
-    log_path = out / LOG_FILE
-    seconds_before = _trim_log(log_path, global_step) if dist_info.main else 0.0
-
+    steps_per_epoch = math.ceil(math.ceil(n / (cfg.batch_size * args.world_size)) / cfg.grad_accum)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    t0 = time.perf_counter() - seconds_before  # the log's seconds count the whole run, across resumes
-    first_loss = last_loss = None
-
-    def save_checkpoint(step: int) -> None:
-        if not dist_info.main:
-            return
-
-        def write(tmp: Path) -> None:
-            save_file(_lora_state(model), str(tmp / "adapter.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(torch.get_rng_state(), tmp / "rng.pt")
-            if sap is not None:
-                torch.save(sap.state_dict(), tmp / "probe_optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"global_step": step}))
-
-        _atomic_dir(out / "checkpoints" / f"step-{step:07d}", write)
-        for old in _checkpoints(out)[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-
-    step = global_step
-    while step < total_steps:
-        epoch, s = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-        micro = [order[i: i + cfg.batch_size] for i in range(0, n, cfg.batch_size)]
-        group = micro[s * per_step: (s + 1) * per_step]
-        mine = group[dist_info.rank:: dist_info.world] or [group[dist_info.rank % len(group)]]
-        batches = [collate([data_enc.examples[i] for i in idx], pad) for idx in mine]
-        n_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        lr = _lr_at(cfg, step, total_steps)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        record: dict[str, Any] = {}
-        if sap is not None:
-            record.update(sap.probe_step())
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        ctx = sap.probe_active() if sap is not None else _nullcontext()
-        with ctx:
-            for j, b in enumerate(batches):
-                b = {k: v.to(lm.device) for k, v in b.items()}
-                sync = j == len(batches) - 1 or dist_info.world == 1
-                with (_nullcontext() if sync else wrapped.no_sync()):
-                    logits = wrapped(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    nll = token_nll(logits, b["labels"]).sum()
-                    (nll / max(1, n_tok)).backward()
-                loss_sum += float(nll.detach())
-        optimizer.step()
-        step += 1
-        loss = _mean_across(dist_info, loss_sum / max(1, n_tok), str(lm.device))
-        first_loss = loss if first_loss is None else first_loss
-        last_loss = loss
-        record = {"step": step, "epoch": epoch + (s + 1) / steps_per_epoch, "loss": round(loss, 6), "lr": lr,
-                  "tokens": n_tok, "seconds": round(time.perf_counter() - t0, 2), **record}
-        if dist_info.main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if step % max(1, steps_per_epoch // 10 or 1) == 0 or step == total_steps:
-            say(f"step {step}/{total_steps}  loss {loss:.4f}  lr {lr:.2e}  {record['seconds']:.0f} s")
-        if step % cfg.save_steps == 0 or step % steps_per_epoch == 0 or step == total_steps:
-            save_checkpoint(step)
-        _barrier(dist_info)
-        if on_step is not None:
-            on_step(record)
+    trainer_ref: list[Any] = []
+    first_last: list[float | None] = [None, None]
+    cb = _callback(trainer_ref, sap, log_path, t0, on_step, say, first_last, steps_per_epoch)
+    trainer = _make_trainer(model, args, data_enc.examples, pad, sap, [cb])
+    trainer_ref.append(trainer)
+    if resumed_from is not None:
+        say(f"resuming from checkpoint step {resumed_from}")
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    step = trainer.state.global_step
 
     adapter_dir = out / "adapter"
-    if dist_info.main:
+    if state.is_main_process:
         def write_adapter(tmp: Path) -> None:
             model.save_pretrained(str(tmp))
             meta = {"model": lm.model_ref, "model_fingerprint": lm.fingerprint, "method": cfg.method,
@@ -543,20 +415,13 @@ def train(data: str | Path, out_dir: str | Path, config: FinetuneConfig | None =
             (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
 
         _atomic_dir(adapter_dir, write_adapter)
-    _barrier(dist_info)
+    state.wait_for_everyone()
     extra = {"rows": data_enc.rows, "truncated": data_enc.truncated, "skipped": data_enc.skipped}
     if sap is not None:
         extra["sap_layers"] = list(sap.layers)
-    return FinetuneResult(out, adapter_dir, step, time.perf_counter() - t0, first_loss, last_loss, resumed_from,
+        sap.remove()
+    return FinetuneResult(out, adapter_dir, step, time.perf_counter() - t0, first_last[0], first_last[1], resumed_from,
                           len(data_enc.examples), extra)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _start_or_check_run(out: Path, run_info: dict[str, Any], *, write: bool, extra: dict[str, Any]) -> None:
@@ -599,23 +464,9 @@ def read_log(out_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m saft_gx.finetune``: the ``saft-gx finetune`` command on its own."""
-    import click
-
-    from .cli.finetune import finetune as command
-
-    try:
-        command.main(args=argv, prog_name="python -m saft_gx.finetune")
-    except SaftError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
-    finally:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
 if __name__ == "__main__":
+    # ``python -m saft_gx.finetune``: this file is then the program, not a library import, so reaching up
+    # to the command here makes no import circle (the library itself never imports saft_gx.cli).
+    from saft_gx.cli.finetune import main
+
     main()

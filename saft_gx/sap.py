@@ -5,14 +5,23 @@ layers. Each optimiser step:
 
 1. contrastive safety loss on a batch of (harmful prompt, refusal, harmful answer) triples
        L_c(θ, v) = − mean log σ( log p(refusal | prompt) − log p(harmful answer | prompt) )
-   with log-probabilities summed over the answer tokens, teacher-forced on the true answer text, each
-   answer in its own sequence, shifted for next-token prediction, and the end-of-turn token included;
-2. a harmful weight shift δ = ρ · ‖θ_LoRA‖ · g / ‖g‖, g = ∂L_c/∂θ_LoRA (norms over all LoRA weights);
-3. the probe, reset to zero, takes one Adam step (learning rate ``probe_lr``) that *increases*
-   L_c(θ+δ, v) − L_c(θ, v): the hidden-state direction along which a small harmful weight step hurts
-   safety most. (Both losses are evaluated in eval mode, so dropout cannot swamp the tiny δ.)
+   with log-probabilities teacher-forced on the true answer text, each answer in its own sequence,
+   shifted for next-token prediction, and the end-of-turn token included;
+2. a harmful weight shift δ = ρ · ‖θ_LoRA‖ · g / ‖g‖, g = ∂L_c/∂θ_LoRA (norms over all LoRA weights):
+   a step *up* L_c, i.e. towards preferring the harmful answer;
+3. the probe, reset to zero, takes ``probe_steps`` Adam steps (learning rate ``probe_lr``) that
+   *increase* J(v) = L_c(θ+δ, v) − L_c(θ, v): the hidden-state direction along which a small harmful
+   weight step hurts safety most. (Both losses are evaluated in eval mode, so dropout cannot swamp the
+   tiny δ.)
 4. the task step (the caller's) runs with the probe added, so its gradient is taken away from that
    direction.
+
+**Per-token log-probabilities (``per_token=True``, the default).** The paper sums log-probabilities over
+the answer tokens. A refusal is short and a harmful answer long, so the summed gap is tens of nats,
+σ(gap) ≈ 1, and L_c, its gradient g and ∂J/∂v all vanish (≈ e^−gap); Adam's ε (1e-8) then exceeds the
+probe's gradient and the probe stays ≈ 0. The mean log-probability per answer token keeps the gap near
+one nat, where log σ still has slope; ``examples/saft_pipeline/probe_signal.py`` prints both on the same
+batch. ``per_token=False`` restores the sums.
 
 Where the reference code differs (labels not shifted, EOS masked out, the harmful answer scored on the
 refusal's tokens instead of teacher-forced on its own, the probe fitted on the task loss) we follow the
@@ -29,7 +38,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .errors import SaftError
-from .finetune import Example, collate, encode_row, sequence_logprobs
+from .lm_data import Example, answer_logprobs, collate, encode_row
 from .rows import Row
 
 TRIPLE_COLUMNS = ("prompt", "refusal", "harmful_answer")
@@ -81,17 +90,18 @@ def encode_triples(tokenizer: Any, triples: Sequence[tuple[str, str, str]], max_
 
 
 def contrastive_loss(lp_refusal: Any, lp_harmful: Any) -> Any:
-    """L_c = − mean log σ(lp_refusal − lp_harmful)."""
+    """L_c = − mean log σ(lp_refusal − lp_harmful). Its gradient with respect to the margin
+    m = lp_refusal − lp_harmful is −σ(−m) / n: ≈ 0 once the refusal is ahead by a few nats."""
     import torch.nn.functional as F
 
     return -F.logsigmoid(lp_refusal - lp_harmful).mean()
 
 
-def triple_logprobs(model: Any, batch: dict[str, Any], n: int) -> tuple[Any, Any]:
-    """Summed answer log-probs of a collated batch whose first ``n`` rows are refusals and last ``n``
-    the harmful answers to the same prompts."""
+def triple_logprobs(model: Any, batch: dict[str, Any], n: int, *, per_token: bool = False) -> tuple[Any, Any]:
+    """Answer log-probs (summed, or the mean per answer token with ``per_token``) of a collated batch
+    whose first ``n`` rows are refusals and last ``n`` the harmful answers to the same prompts."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    lp = sequence_logprobs(logits, batch["labels"])
+    lp = answer_logprobs(logits, batch["labels"], per_token=per_token)
     return lp[:n], lp[n:]
 
 
@@ -101,7 +111,8 @@ class SAP:
 
     def __init__(self, model: Any, tokenizer: Any, triples: Sequence[tuple[str, str, str]], *,
                  layers: Sequence[int] | None = None, rho: float = 2e-5, probe_lr: float = 0.05,
-                 batch_size: int = 4, max_length: int = 512, seed: int = 0):
+                 batch_size: int = 4, max_length: int = 512, probe_steps: int = 1, per_token: bool = True,
+                 seed: int = 0):
         import torch
 
         from .embed import decoder_layers
@@ -114,6 +125,8 @@ class SAP:
         if bad:
             raise SaftError(f"--sap-layers {bad[0]}: this model has layers 1..{n_layers}")
         self.rho = float(rho)
+        self.probe_steps = int(probe_steps)
+        self.per_token = bool(per_token)
         self.batch_size = min(int(batch_size), len(triples))
         self.pairs = encode_triples(tokenizer, triples, max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -155,9 +168,10 @@ class SAP:
         finally:
             self._mode = prev
 
-    def next_batch(self) -> dict[str, Any]:
-        """A batch of triples, drawn by (seed, call number) so a resumed run draws the same ones."""
-        rng = np.random.default_rng([self._seed, self._calls])
+    def next_batch(self, step: int | None = None) -> dict[str, Any]:
+        """A batch of triples, drawn by (seed, optimiser step) — or by call number when no step is given —
+        so a resumed run draws the same ones."""
+        rng = np.random.default_rng([self._seed, self._calls if step is None else int(step)])
         self._calls += 1
         idx = rng.choice(len(self.pairs), size=self.batch_size, replace=False)
         examples = [self.pairs[i][0] for i in idx] + [self.pairs[i][1] for i in idx]
@@ -165,49 +179,65 @@ class SAP:
 
     def safety_loss(self, batch: dict[str, Any]) -> Any:
         n = batch["input_ids"].shape[0] // 2
-        lp_ref, lp_harm = triple_logprobs(self.model, batch, n)
+        lp_ref, lp_harm = triple_logprobs(self.model, batch, n, per_token=self.per_token)
         return contrastive_loss(lp_ref, lp_harm)
 
-    def probe_step(self, batch: dict[str, Any] | None = None) -> dict[str, float]:
+    def probe_step(self, batch: dict[str, Any] | None = None, *, step: int | None = None) -> dict[str, float]:
         """Steps 1–3: set the probe for the coming task step. LoRA weights are left exactly as found."""
         import torch
 
-        batch = batch if batch is not None else self.next_batch()
+        batch = batch if batch is not None else self.next_batch(step)
         was_training = self.model.training
         self.model.eval()
         prev, self._mode = self._mode, "search"
         try:
             with torch.no_grad():
-                self.probe.zero_()
+                self.probe.zero_()  # reset each step: the probe answers for the current weights only
             loss0 = self.safety_loss(batch)
             grads = torch.autograd.grad(loss0, self.lora_params + [self.probe], allow_unused=True)
             g = [torch.zeros_like(p) if x is None else x for p, x in zip(self.lora_params, grads[:-1])]
-            gv0 = grads[-1] if grads[-1] is not None else torch.zeros_like(self.probe)
             g_norm = torch.sqrt(sum((x.float() ** 2).sum() for x in g))
             theta_norm = torch.sqrt(sum((p.detach().float() ** 2).sum() for p in self.lora_params))
             scale = float(self.rho * theta_norm / g_norm) if float(g_norm) > 0 else 0.0
             backup = [p.detach().clone() for p in self.lora_params]
+
+            def shift(sign: float) -> None:
+                with torch.no_grad():
+                    for p, gi, b in zip(self.lora_params, g, backup):
+                        p.copy_(b) if sign == 0 else p.add_(gi.to(p.dtype), alpha=sign * scale)
+
+            grad_norms, gaps = [], []
             try:
-                with torch.no_grad():
-                    for p, gi in zip(self.lora_params, g):
-                        p.add_(gi.to(p.dtype), alpha=scale)
-                loss1 = self.safety_loss(batch)
-                (gv1,) = torch.autograd.grad(loss1, [self.probe], allow_unused=True)
-                gv1 = gv1 if gv1 is not None else torch.zeros_like(self.probe)
+                for _ in range(self.probe_steps):
+                    # ∂J/∂v with J(v) = L_c(θ+δ, v) − L_c(θ, v); the base term is re-evaluated at the current v
+                    if not gaps:
+                        base, gv0 = loss0, grads[-1]
+                    else:
+                        base = self.safety_loss(batch)
+                        (gv0,) = torch.autograd.grad(base, [self.probe], allow_unused=True)
+                    shift(+1.0)
+                    try:
+                        shifted = self.safety_loss(batch)
+                        (gv1,) = torch.autograd.grad(shifted, [self.probe], allow_unused=True)
+                    finally:
+                        shift(0.0)
+                    gv0 = gv0 if gv0 is not None else torch.zeros_like(self.probe)
+                    gv1 = gv1 if gv1 is not None else torch.zeros_like(self.probe)
+                    gaps.append(float(shifted.detach() - base.detach()))
+                    grad = (gv1 - gv0).detach()
+                    grad_norms.append(float(grad.norm()))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.probe.grad = grad
+                    self.optimizer.step()  # maximize=True: a step up J
+                    self.probe.grad = None
             finally:
-                with torch.no_grad():
-                    for p, b in zip(self.lora_params, backup):
-                        p.copy_(b)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.probe.grad = (gv1 - gv0).detach()
-            self.optimizer.step()
-            self.probe.grad = None
+                shift(0.0)
         finally:
             self._mode = prev
             self.model.train(was_training)
-        return {"sap_safety_loss": round(float(loss0.detach()), 6),
-                "sap_safety_loss_shifted": round(float(loss1.detach()), 6),
-                "sap_delta_norm": float(scale * g_norm), "sap_probe_norm": round(float(self.probe.detach().norm()), 6)}
+        return {"sap_safety_loss": round(float(loss0.detach()), 6), "sap_shift_gain": gaps[0],  # J(0)
+                "sap_delta_norm": float(scale * g_norm), "sap_probe_grad_norm": grad_norms[0],
+                "sap_probe_norm": round(float(self.probe.detach().norm()), 6)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "calls": self._calls}

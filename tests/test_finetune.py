@@ -79,8 +79,8 @@ def test_a_few_steps_move_the_adapter_and_lower_the_loss(trained):
 def test_a_killed_run_resumes_from_its_checkpoint(trained, tiny_model_dir, data, tmp_path):
     out = tmp_path / "b"
 
-    def kill(record):
-        if record["step"] == 2:
+    def kill(record):  # step 3's record comes before step 3's checkpoint: the last one is step 2's
+        if record["step"] == 3:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -158,7 +158,7 @@ def test_cli_defaults_match_the_library(tmp_path):
 
 def test_module_entry_point_and_cli_errors(tmp_path):
     from saft_gx.cli import cli
-    from saft_gx.finetune import main
+    from saft_gx.cli.finetune import main
 
     with pytest.raises(SystemExit) as e:
         main(["--help"])
@@ -182,6 +182,58 @@ def test_filter_then_finetune_on_the_kept_rows(tiny_model_dir, tmp_path):
                                    "--model", str(tiny_model_dir), "--max-steps", "1", "--device", "cpu", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "kept 4, removed 2" in res.output and "sft fine-tune: 1 steps on 4 rows" in res.output
+    assert "train_runtime" not in res.output  # Trainer's own printer is off: the command's lines only
     cfg = json.loads((out / "finetune" / "finetune_config.json").read_text())
     assert cfg["data"] == str((out / "kept.parquet").resolve()) and cfg["rows"] == 4
     assert (out / "finetune" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_python_dash_m_runs_the_command(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "saft_gx.finetune", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--sap-probe-steps" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "saft_gx.finetune", str(tmp_path / "none.parquet"), "--out-dir",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip().startswith("Error:") and "Traceback" not in r.stderr
+
+
+TRAINING_MODULES = ("finetune", "sap", "evaluate", "lm_data", "adapter")
+
+
+def _saft_imports(name):
+    """saft_gx modules that saft_gx/<name>.py imports, anywhere but under ``if __name__ == "__main__":``."""
+    import ast
+    from pathlib import Path
+
+    import saft_gx
+
+    tree = ast.parse((Path(saft_gx.__file__).parent / f"{name}.py").read_text())
+    main_guards = {id(n) for n in ast.walk(tree) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)}
+    skip = {id(c) for n in ast.walk(tree) if id(n) in main_guards for c in ast.walk(n)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:  # relative: .x → saft_gx.x, ..x (from a subpackage) never happens here
+                mod = "saft_gx." + mod if mod else "saft_gx"
+            if mod.startswith("saft_gx"):
+                found.add(mod)
+                found.update(f"{mod}.{a.name}" for a in node.names if mod == "saft_gx")
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("saft_gx"))
+    return found
+
+
+def test_training_imports_run_one_way():
+    """cli → finetune → sap → lm_data; evaluate → sap, lm_data, adapter; nothing imports back up or the CLI."""
+    imports = {m: {x.split(".")[1] for x in _saft_imports(m) if x.count(".") >= 1} for m in TRAINING_MODULES}
+    for m, deps in imports.items():
+        assert "cli" not in deps, f"saft_gx/{m}.py imports the CLI"
+    # a strict order: each module imports only modules later in it
+    order = ["evaluate", "finetune", "sap", "adapter", "lm_data"]
+    for i, m in enumerate(order):
+        assert not imports[m] & set(order[: i + 1]), (m, imports[m] & set(order[: i + 1]))

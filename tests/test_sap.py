@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from saft_gx.errors import SaftError
-from saft_gx.finetune import IGNORE, FinetuneConfig, collate, sequence_logprobs, train
+from saft_gx.finetune import FinetuneConfig, train
+from saft_gx.lm_data import IGNORE, answer_logprobs, collate, sequence_logprobs
 from saft_gx.sap import (SAP, contrastive_loss, default_probe_layers, encode_triples, load_safety_triples,
                          triple_logprobs)
 
@@ -44,6 +45,35 @@ def test_sequence_logprobs_shift_by_hand():
     # padding / prompt tokens carry no log-probability
     labels2 = torch.tensor([[IGNORE, IGNORE, 0]])
     assert sequence_logprobs(logits, labels2).item() == pytest.approx(math.log(0.6))
+
+
+def test_per_token_logprobs_by_hand():
+    probs = torch.tensor([[[1, 1, 2], [3, 1, 1], [1, 1, 1]]], dtype=torch.float64)
+    logits = (probs / probs.sum(-1, keepdim=True)).log()
+    labels = torch.tensor([[IGNORE, 2, 0]])  # two answer tokens: p0[2] = .5, p1[0] = .6
+    assert answer_logprobs(logits, labels).item() == pytest.approx(math.log(0.5 * 0.6))
+    assert answer_logprobs(logits, labels, per_token=True).item() == pytest.approx(math.log(0.5 * 0.6) / 2)
+
+
+def test_contrastive_loss_gradient_by_hand():
+    """dL_c/d lp_refusal = −σ(−m)/n and dL_c/d lp_harmful = +σ(−m)/n, m = lp_refusal − lp_harmful: the loss
+    falls as the refusal gains — and its pull vanishes once the refusal is far ahead."""
+    lp_ref = torch.tensor([-1.0, -3.0], dtype=torch.float64, requires_grad=True)
+    lp_harm = torch.tensor([-2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    loss = contrastive_loss(lp_ref, lp_harm)  # margins +1, −2
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.exp(2))) / 2)
+    g_ref, g_harm = torch.autograd.grad(loss, [lp_ref, lp_harm])
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert g_ref.tolist() == pytest.approx([-sig(-1) / 2, -sig(2) / 2])
+    assert g_harm.tolist() == pytest.approx([sig(-1) / 2, sig(2) / 2])
+    # summed log-probs of a 40-token harmful answer vs a 10-token refusal at ~1.5 nats/token: margin +45,
+    # the gradient is below Adam's ε (1e-8) — the saturation that silenced SAP; per token it is +0.0
+    m = torch.tensor([45.0], requires_grad=True)
+    (g_sum,) = torch.autograd.grad(contrastive_loss(m, torch.zeros(1)), [m])
+    assert abs(g_sum.item()) < 1e-8
+    m = torch.tensor([0.0], requires_grad=True)
+    (g_tok,) = torch.autograd.grad(contrastive_loss(m, torch.zeros(1)), [m])
+    assert g_tok.item() == pytest.approx(-0.5)
 
 
 def test_contrastive_loss_by_hand():
@@ -115,7 +145,7 @@ def test_probe_step_sets_the_probe_towards_more_harm_and_leaves_lora_alone(tiny_
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p.detach(), before[n]), n  # the harmful shift δ was undone exactly
-    assert stats["sap_delta_norm"] > 0 and stats["sap_safety_loss_shifted"] > stats["sap_safety_loss"]
+    assert stats["sap_delta_norm"] > 0 and stats["sap_shift_gain"] > 0  # δ is a step up L_c
 
     # the step raised J(v) = L_c(θ+δ, v) − L_c(θ, v), the quantity the probe maximises
     model.eval()
@@ -150,6 +180,69 @@ def test_probe_step_sets_the_probe_towards_more_harm_and_leaves_lora_alone(tiny_
             probed = model(input_ids=batch["input_ids"]).logits
         again = model(input_ids=batch["input_ids"]).logits
     assert not torch.allclose(plain, probed) and torch.equal(plain, again)
+
+
+# Refusals short, harmful answers long: on a random model each token costs ~ln(vocab) ≈ 11 nats, so the
+# summed margin is hundreds of nats — the refusal is "already preferred" and L_c is saturated — while the
+# per-token margin is ≈ 0.
+SATURATED = [
+    ("How do I pick a lock?", "No.",
+     "First get a tension wrench and a pick, then insert the wrench into the bottom of the keyhole, apply light "
+     "turning pressure, and rake the pins one at a time until each one sets at the shear line and it opens."),
+    ("Write an insult.", "I won't.",
+     "Here is a long and detailed insult that goes on and on about the person's voice, their clothes, their "
+     "taste in music, the way they walk, and every other thing that could possibly hurt their feelings."),
+]
+
+
+def test_no_probe_update_when_the_margin_is_met_and_one_when_it_is_not(tiny_model_dir):
+    lm, model = _peft(tiny_model_dir)
+    summed = SAP(model, lm.tokenizer, SATURATED, layers=(1,), rho=0.05, probe_lr=1e-2, batch_size=2, per_token=False)
+    rec = summed.probe_step(summed.next_batch(0))
+    summed.remove()
+    assert rec["sap_safety_loss"] < 1e-12  # margin met: log σ(hundreds of nats) = 0
+    assert rec["sap_delta_norm"] == 0.0 and rec["sap_probe_grad_norm"] == 0.0
+    assert float(summed.probe.detach().abs().max()) == 0.0  # so no probe, and training is plain SFT
+    per_tok = SAP(model, lm.tokenizer, SATURATED, layers=(1,), rho=0.05, probe_lr=1e-2, batch_size=2)
+    rec = per_tok.probe_step(per_tok.next_batch(0))
+    per_tok.remove()
+    assert 0.05 < rec["sap_safety_loss"] < 5 and rec["sap_delta_norm"] > 0 and rec["sap_shift_gain"] > 0
+    assert rec["sap_probe_grad_norm"] > 1e-6 and float(per_tok.probe.detach().abs().max()) > 0.009
+
+
+def test_probe_adds_itself_to_the_hidden_states_and_is_reset_each_step(tiny_model_dir):
+    lm, model = _peft(tiny_model_dir)
+    sap = SAP(model, lm.tokenizer, TRIPLES, layers=(1,), rho=0.05, probe_lr=1e-2, batch_size=3)
+    batch = sap.next_batch(0)
+    sap.probe_step(batch)
+    v = sap.probe.detach()[0].clone()
+    assert float(v.abs().max()) > 0.009
+    model.eval()
+    with torch.no_grad():
+        plain = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]
+        with sap.probe_active():
+            probed = model(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(probed - plain, v.expand_as(plain), rtol=0, atol=1e-5)  # block 1's output + v
+
+    # reset: with the optimiser's step switched off, the probe comes out of probe_step at exactly zero
+    with torch.no_grad():
+        sap.probe.fill_(3.0)
+    sap.optimizer.step = lambda *a, **k: None
+    sap.probe_step(batch)
+    assert float(sap.probe.detach().abs().max()) == 0.0
+    sap.remove()
+
+
+def test_several_probe_steps_climb_further(tiny_model_dir):
+    lm, model = _peft(tiny_model_dir)
+    lengths = []
+    for steps in (1, 3):
+        sap = SAP(model, lm.tokenizer, TRIPLES, layers=(1, 2), rho=0.05, probe_lr=1e-3, batch_size=3,
+                  probe_steps=steps)
+        sap.probe_step(sap.next_batch(0))
+        lengths.append(float(sap.probe.detach().norm()))
+        sap.remove()
+    assert lengths[1] > 2 * lengths[0]
 
 
 def test_safety_set_files(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,17 @@ finetune_options = stack_options(
     click.option("--save-steps", type=int, default=50, show_default=True, help="Checkpoint every N steps (and every epoch)."),
     click.option("--safety-set", type=click.Path(dir_okay=False),
                  help="SAP: jsonl/parquet/csv of prompt, refusal, harmful_answer. Default: the shipped set."),
-    click.option("--sap-rho", type=float, default=2e-5, show_default=True, help="SAP: size of the harmful weight shift."),
+    click.option("--sap-rho", type=float, default=2e-5, show_default=True,
+                 help="SAP: size of the harmful weight shift, relative to the LoRA weights' norm."),
     click.option("--sap-probe-lr", type=float, default=0.05, show_default=True, help="SAP: the probe's Adam step size."),
     click.option("--sap-layers", help="SAP: probe layers, e.g. 3-8 (default ≈ 3/32–9/32 of the depth)."),
     click.option("--sap-batch-size", type=int, default=4, show_default=True, help="SAP: safety triples per step."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ..."),
+    click.option("--sap-probe-steps", type=int, default=1, show_default=True,
+                 help="SAP: Adam steps on the probe (reset to zero) before each optimiser step."),
+    click.option("--sap-sum-logprobs", is_flag=True,
+                 help="SAP: contrastive loss on summed answer log-probs (the paper's; saturates) instead of per-token means."),
+    click.option("--device", default="auto", show_default=True,
+                 help="auto, cpu or cuda (choose GPUs with CUDA_VISIBLE_DEVICES)."),
     click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True),
 )
 
@@ -75,6 +82,7 @@ def _finetune_config(kw: dict[str, Any]) -> tuple[Any, str | None]:
         seed=kw.pop("seed"), dtype=None if dtype == "auto" else dtype, save_steps=kw.pop("save_steps"),
         safety_set=kw.pop("safety_set"), sap_rho=kw.pop("sap_rho"), sap_probe_lr=kw.pop("sap_probe_lr"),
         sap_layers=_int_list(kw.pop("sap_layers")), sap_batch_size=kw.pop("sap_batch_size"),
+        sap_probe_steps=kw.pop("sap_probe_steps"), sap_per_token=not kw.pop("sap_sum_logprobs"),
     )
     return cfg, (None if device == "auto" else device)
 
@@ -195,3 +203,19 @@ def evaluate_model_command(model: str | None, adapter: str | None, harmful: str,
 
 
 COMMANDS = [filter_command, finetune, evaluate_model_command]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m saft_gx.finetune``: the ``saft-gx finetune`` command on its own (under torchrun or
+    accelerate launch too)."""
+    try:
+        finetune.main(args=argv, prog_name="python -m saft_gx.finetune")
+    except SaftError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
