@@ -27,7 +27,7 @@ and the skipped layers not counted) and MFU against the card's dense bf16 peak.
 Rows: ``--data PATH`` (parquet / jsonl / csv that ``saft-gx score`` reads; ``--rows`` of them sampled with
 ``--seed``) or, without it, synthetic rows shaped like real chat rows: every row distinct, word counts
 log-normal and capped (these common words are ~1 token each with SmolLM2's tokenizer; the chat template adds
-~25 tokens of system prompt and headers before the prompt's last token). Measured over 2,000 rows:
+~30 tokens of system prompt and headers before the prompt's last token). Measured over 2,000 rows:
     prompt    median 35 words, sigma 1.1, cap 1,000: ~40 tokens median, 90th percentile ~150, 99th ~420,
               the longest few towards 1,000;
     response  median 300 words, sigma 0.7, cap 1,500: ~290 tokens median, 90th percentile ~740, ~4 % of
@@ -242,7 +242,7 @@ class Timing:
     tokens: int
 
     def line(self, name: str) -> str:
-        return (f"{name:8s} {self.seconds:8.2f} s  {self.rows / self.seconds:9.1f} rows/s  "
+        return (f"{name:8s} {self.seconds:8.2f} s  {self.rows / self.seconds:9.2f} rows/s  "
                 f"{self.tokens / self.seconds:11.0f} tokens/s")
 
 
