@@ -302,14 +302,17 @@ def main(argv: list[str] | None = None) -> None:
     naive_n = min(args.naive_rows or n_rows, n_rows)
     rows = rows_from_frame(df, detect_columns(list(df.columns)), 0)
 
-    def lengths(token: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-        tokenized = Embedder(lm, EmbedConfig(layers=(layer,), token=token, max_tokens=max_tokens)).tokenize(
-            rows, list(range(len(rows))))
-        return np.array([len(t.ids) for t in tokenized]), np.array([t.truncated for t in tokenized])
+    def lengths(token: str, max_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Real tokens per row, whether the row was cut, and saft_gx's padded tokens over all its batches."""
+        embedder = Embedder(lm, EmbedConfig(layers=(layer,), token=token, max_tokens=max_tokens,
+                                            batch_tokens=args.batch_tokens))
+        tokenized = embedder.tokenize(rows, list(range(len(rows))))
+        padded = sum(len(g) * max(len(tokenized[i].ids) for i in g) for g in embedder.batches(tokenized))
+        return np.array([len(t.ids) for t in tokenized]), np.array([t.truncated for t in tokenized]), padded
 
-    saft_len, saft_cut = lengths(args.token, args.max_tokens)
-    row_len, _ = lengths("last", 10**9)
-    prompt_len, _ = lengths("prompt-end", 10**9) if args.token == "prompt-end" else (None, None)
+    saft_len, saft_cut, saft_padded = lengths(args.token, args.max_tokens)
+    row_len = lengths("last", 10**9)[0]
+    prompt_len = lengths("prompt-end", 10**9)[0] if args.token == "prompt-end" else None
 
     def stats(x: np.ndarray) -> str:
         return f"median {np.median(x):.0f}, p90 {np.percentile(x, 90):.0f}, max {x.max()}"
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     if prompt_len is not None:
         print(f"          prompt up to prompt-end: {stats(prompt_len)}; {int(saft_cut.sum())} over --max-tokens "
               f"{args.max_tokens} (middle-truncated)")
+    print(f"          saft_gx runs {saft_len.sum()} real tokens in {saft_padded} padded (length-sorted batches "
+          f"under --batch-tokens {args.batch_tokens})")
     print(f"load      {_load()} before")
 
     with tempfile.TemporaryDirectory(prefix="saft-bench-") as tmp:
