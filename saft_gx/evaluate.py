@@ -74,14 +74,14 @@ def refusal_rate(texts: Sequence[str]) -> float:
 def read_prompts(path: str | Path, prompt_column: str | None = None) -> list[str]:
     """The prompt column of a parquet/jsonl/csv file of harmful requests (responses, if any, are ignored)."""
     from .readers import open_dataset
-    from .rows import PROMPT_COLUMNS, _check_str, _pick
+    from .rows import PROMPT_COLUMNS, check_str, pick
 
     ds = open_dataset(path)
-    col = prompt_column or _pick(ds.columns, PROMPT_COLUMNS, "prompt")
+    col = prompt_column or pick(ds.columns, PROMPT_COLUMNS, "prompt")
     if not col or col not in ds.columns:
         raise SaftError(f"{path}: no prompt column (expected one of {', '.join(PROMPT_COLUMNS)}, or name it with "
                         f"--prompt-column); the file has: {', '.join(ds.columns)}")
-    prompts = [_check_str(v, col, first + i) for first, df in ds.frames([col]) for i, v in enumerate(df[col].tolist())]
+    prompts = [check_str(v, col, first + i) for first, df in ds.frames([col]) for i, v in enumerate(df[col].tolist())]
     if not prompts:
         raise SaftError(f"{path}: has no rows")
     return prompts

@@ -123,7 +123,7 @@ def load_duckdb(db: str | Path, table: str, *, detector_id: str | None = None, l
 
     con = store.connect(db, read_only=True)
     try:
-        if not store._IDENT.match(table):
+        if not store.IDENT.match(table):
             raise SaftError(f"--table {table!r}: use letters, digits and underscores")
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         if table not in tables:

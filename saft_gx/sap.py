@@ -56,7 +56,7 @@ def load_safety_triples(path: str | Path | None = None) -> tuple[list[tuple[str,
     """(prompt, refusal, harmful answer) triples from a jsonl/parquet/csv file (default: the shipped set)
     and the file's sha256."""
     from .readers import open_dataset
-    from .rows import _check_str
+    from .rows import check_str
 
     p = Path(path) if path else SHIPPED_SAFETY_SET
     if not p.exists():
@@ -70,7 +70,7 @@ def load_safety_triples(path: str | Path | None = None) -> tuple[list[tuple[str,
     triples: list[tuple[str, str, str]] = []
     for first, df in ds.frames(list(TRIPLE_COLUMNS)):
         for i, vals in enumerate(df.itertuples(index=False, name=None)):
-            triples.append(tuple(_check_str(v, c, first + i) for v, c in zip(vals, TRIPLE_COLUMNS)))  # type: ignore[misc]
+            triples.append(tuple(check_str(v, c, first + i) for v, c in zip(vals, TRIPLE_COLUMNS)))  # type: ignore[misc]
     if not triples:
         raise SaftError(f"--safety-set {p}: has no rows")
     return triples, hashlib.sha256(p.read_bytes()).hexdigest()

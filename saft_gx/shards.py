@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import SaftError
-from .readers import Dataset, _first_line
+from .readers import Dataset, first_line
 from .subspace import Detector, MomentStats, atomic_write
 
 STATS_TENSORS = "stats.safetensors"
@@ -92,7 +92,7 @@ class ShardedDataset(Dataset):
         except SaftError:
             raise
         except Exception as e:
-            raise SaftError(f"{self.path}: unreadable after row {pos} ({_first_line(e)})") from None
+            raise SaftError(f"{self.path}: unreadable after row {pos} ({first_line(e)})") from None
 
     def arrow_batches(self, batch_rows: int = 4096) -> Iterator[Any]:
         if self.fmt == "parquet":
@@ -182,7 +182,7 @@ def load_stats(folder: str | os.PathLike[str]) -> tuple[MomentStats, dict[str, A
         arrays = load_file(str(tensor_path))
         stats = MomentStats.from_arrays(arrays)
     except (json.JSONDecodeError, SafetensorError, OSError, KeyError) as e:
-        raise SaftError(f"{folder}: unreadable statistics ({_first_line(e)})") from None
+        raise SaftError(f"{folder}: unreadable statistics ({first_line(e)})") from None
     if stats.n != meta.get("n"):
         raise SaftError(f"{folder}: {STATS_META} says n={meta.get('n')} but the tensors hold n={stats.n}")
     return stats, meta, arrays.get("anchors")

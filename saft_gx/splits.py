@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import SaftError
-from .outputs import _HOST, clean_stale_temps
+from .outputs import HOST, clean_stale_temps
 from .readers import open_parquet
 from .threshold import ThresholdRule, resolve
 
@@ -119,7 +119,7 @@ def open_scored_parquet(path: str | Path, detector_id: str | None = None, batch_
 def open_scored_table(db: str | Path, table: str, detector_id: str | None = None, batch_rows: int = 4096) -> ScoredSource:
     from . import store
 
-    if not store._IDENT.match(table):
+    if not store.IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
     con = store.connect(db, read_only=True)
     try:
@@ -244,7 +244,7 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".saft-{_HOST}-{os.getpid()}-split-"))
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".saft-{HOST}-{os.getpid()}-split-"))
     writers: dict[str, Any] = {}
     published = False
     try:

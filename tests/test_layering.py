@@ -31,21 +31,7 @@ KNOWN_CLI_IMPORTS_BEING_FIXED: set[tuple[str, str]] = {
 }
 # Private names reached across modules today (issue 13, item 3), each to be made public or moved by the
 # module's owner: (importer, "module._name"). Emptied as they are fixed; do not add to it.
-KNOWN_PRIVATE_USES_BEING_FIXED: set[tuple[str, str]] = {
-    ("saft_gx.cli.score", "saft_gx.store._IDENT"),
-    ("saft_gx.report", "saft_gx.store._IDENT"),
-    ("saft_gx.splits", "saft_gx.store._IDENT"),
-    ("saft_gx.splits", "saft_gx.outputs._HOST"),
-    ("saft_gx.shards", "saft_gx.readers._first_line"),
-    ("saft_gx.evaluate", "saft_gx.rows._pick"),
-    ("saft_gx.evaluate", "saft_gx.rows._check_str"),
-    ("saft_gx.sap", "saft_gx.rows._check_str"),
-    ("saft_gx.spark_engine", "saft_gx.models._hub_snapshot"),
-    ("saft_gx.spark_engine", "saft_gx.models._resolve"),
-    *(("saft_gx.spark_gx", f"saft_gx.spark_engine.{name}") for name in (
-        "_anchor_vectors", "_embed_fn", "_executor_session", "_score_fn", "_stats_tree_aggregate",
-        "_worker_errors")),
-}
+KNOWN_PRIVATE_USES_BEING_FIXED: set[tuple[str, str]] = set()
 
 
 def _module_name(path: Path) -> str:

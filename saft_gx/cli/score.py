@@ -136,7 +136,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     if no_db and not out:
         raise SaftError("--no-db needs --out, or the scores would go nowhere")
     table = table or store.table_name_for(dataset)
-    if not store._IDENT.match(table):
+    if not store.IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
     # before any work: no output over an input or another output, and a database we can write now
     outputs.refuse_overlaps({"DATASET": dataset, "--detector": detector},
