@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SaftError
-from .metrics import auroc, precision_recall_f1
+from .core.errors import SaftError
+from .core.metrics import auroc, precision_recall_f1
 
 TEXT_COLUMNS = ("prompt", "instruction", "question", "query", "input", "response", "output", "answer", "completion",
                 "text", "messages")
@@ -119,7 +119,7 @@ def load_parquet(path: str | Path, *, labels_path: str | None = None, label_colu
 
 def load_duckdb(db: str | Path, table: str, *, detector_id: str | None = None, labels_path: str | None = None,
                 label_column: str = "label", id_column: str | None = None, top: int = 20) -> ReportData:
-    from . import store
+    from .io import store
 
     con = store.connect(db, read_only=True)
     try:

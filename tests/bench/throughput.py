@@ -89,7 +89,7 @@ def random_llama(shape: str, device: str):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from saft_gx.models import LoadedModel, default_gguf_path, pick_device
+    from saft_gx.embedding.models import LoadedModel, default_gguf_path, pick_device
 
     device = pick_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -133,7 +133,7 @@ def peak_tflops(device_name: str) -> float | None:
 def naive_embed(lm, df, layer: int, *, batch: int = 8, max_tokens: int = 1024) -> np.ndarray:
     import torch
 
-    from saft_gx.rows import format_row, rows_from_frame, detect_columns, uses_chat_template
+    from saft_gx.embedding.rows import format_row, rows_from_frame, detect_columns, uses_chat_template
 
     tok = lm.tokenizer
     tok.padding_side = "right"
@@ -153,11 +153,11 @@ def naive_embed(lm, df, layer: int, *, batch: int = 8, max_tokens: int = 1024) -
 def saft_embed(lm, data: Path, layer: int, cache_dir: Path, *, batch_tokens: int,
                max_tokens: int = 1024) -> tuple[float, np.ndarray]:
     """(seconds spent in ``embed_dataset``, the vectors read back from the cache)."""
-    from saft_gx.cache import EmbeddingCache
-    from saft_gx.embed import EmbedConfig, Embedder
+    from saft_gx.io.cache import EmbeddingCache
+    from saft_gx.embedding.embed import EmbedConfig, Embedder
     from saft_gx.pipeline import embed_dataset
-    from saft_gx.readers import open_dataset
-    from saft_gx.rows import detect_columns, rows_from_frame
+    from saft_gx.io.readers import open_dataset
+    from saft_gx.embedding.rows import detect_columns, rows_from_frame
 
     ds = open_dataset(data)
     spec = detect_columns(ds.columns)
@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from saft_gx.embed import Embedder, EmbedConfig
-    from saft_gx.models import load_model
+    from saft_gx.embedding.embed import Embedder, EmbedConfig
+    from saft_gx.embedding.models import load_model
     from saft_gx.pipeline import default_layer
 
     if args.threads:
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     df = synthetic_frame(args.rows, seed=args.seed)
     naive_n = min(args.naive_rows or args.rows, args.rows)
     lengths_tok = Embedder(lm, EmbedConfig(layers=(layer,), max_tokens=args.max_tokens, overlong="truncate"))
-    from saft_gx.rows import detect_columns, rows_from_frame
+    from saft_gx.embedding.rows import detect_columns, rows_from_frame
 
     rows = rows_from_frame(df, detect_columns(list(df.columns)), 0)
     lengths = np.array([len(t.ids) for t in lengths_tok.tokenize(rows, list(range(len(rows))))])

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "query", "input")
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion", "chosen")

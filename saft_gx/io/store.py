@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

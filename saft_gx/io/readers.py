@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 

@@ -35,15 +35,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import SaftError
-from .models import LoadedModel
-from .anchors import USE_ANCHORS, anchor_rows, fit_default
-from .pipeline import (DEFAULT_CONTAMINATION, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
+from ..core.errors import SaftError
+from ..embedding.models import LoadedModel
+from ..detect.anchors import USE_ANCHORS, anchor_rows, fit_default
+from ..pipeline import (DEFAULT_CONTAMINATION, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
                        resolve_options)
-from .readers import open_dataset
-from .rows import ColumnSpec
-from .subspace import Detector, MomentStats
-from .threshold import ThresholdRule
+from ..io.readers import open_dataset
+from ..embedding.rows import ColumnSpec
+from ..core.subspace import Detector, MomentStats
+from ..core.threshold import ThresholdRule
 
 ROWS_PER_PARTITION = 20_000  # bounds the work a lost task repeats; more partitions than cores balance load
 
@@ -77,7 +77,7 @@ def describe_model(model_ref: str | None) -> LoadedModel:
     will load it. Enough to resolve options and check a detector, on a driver with no room for the model."""
     from transformers import AutoConfig
 
-    from .models import hub_snapshot, resolve, fingerprint_path
+    from ..embedding.models import hub_snapshot, resolve, fingerprint_path
 
     ref, folder, gguf = resolve(model_ref)
     if folder is None:
@@ -104,7 +104,7 @@ def executor_session(opts: EmbedOptions, fingerprint: str) -> Any:
     import torch
     from pyspark import TaskContext
 
-    from .pipeline import shared_session
+    from ..pipeline import shared_session
 
     ctx = TaskContext.get()
     if ctx is not None:
@@ -132,8 +132,8 @@ def embed_fn(opts: EmbedOptions, spec: ColumnSpec, fingerprint: str, computed: A
     def embed(frames: Iterator[Any]) -> Iterator[Any]:
         import pandas as pd
 
-        from .pipeline import embed_rows
-        from .rows import rows_from_frame
+        from ..pipeline import embed_rows
+        from ..embedding.rows import rows_from_frame
 
         session = executor_session(opts, fingerprint)
         layer = session.cache.layer(session.layer)

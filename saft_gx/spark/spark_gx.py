@@ -27,17 +27,17 @@ from great_expectations.execution_engine import SparkDFExecutionEngine
 from great_expectations.expectations.metrics.map_metric_provider import column_condition_partial, column_function_partial
 from great_expectations.expectations.metrics.metric_provider import metric_value
 
-from .anchors import USE_ANCHORS, fit_default
-from .errors import SaftError
-from .gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
-from .gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
-from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
+from ..detect.anchors import USE_ANCHORS, fit_default
+from ..core.errors import SaftError
+from ..gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
+from ..gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
+from ..gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
                          embed_options, load_detector, threshold_rule)
-from .pipeline import EmbedOptions
-from .rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
+from ..pipeline import EmbedOptions
+from ..embedding.rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
 from .spark_engine import (anchor_vectors, embed_fn, executor_session, score_fn, stats_tree_aggregate, worker_errors,
                            describe_model, resolve_options)
-from .subspace import Detector
+from ..core.subspace import Detector
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,8 @@ def score_column(scored: SparkScoredRows) -> Any:
     names = spec.columns
 
     def score(*columns: pd.Series) -> pd.Series:
-        from .pipeline import embed_rows
-        from .rows import rows_from_frame
+        from ..pipeline import embed_rows
+        from ..embedding.rows import rows_from_frame
 
         frame = pd.DataFrame({name: col for name, col in zip(names, columns)})
         session = executor_session(opts, fingerprint)
