@@ -87,8 +87,12 @@ def test_mean_pooling_and_plain_text(tiny_lm):
     emb = Embedder(tiny_lm, EmbedConfig(layers=(4,), token="mean"))
     v = emb.embed([Row(text="just some text"), ROWS[0]])
     assert v.shape == (2, 1, 32) and np.isfinite(v).all()
-    with pytest.raises(SaftError, match="prompt-end needs"):
-        Embedder(tiny_lm, EmbedConfig(layers=(1,), token="prompt-end")).tokenize([Row(text="x")], [0])
+    # a plain-text row has no answer: its prompt-end is its last token (the whole text is the request)
+    pe = Embedder(tiny_lm, EmbedConfig(layers=(4,), token="prompt-end"))
+    last = Embedder(tiny_lm, EmbedConfig(layers=(4,), token="last"))
+    [t] = pe.tokenize([Row(text="just some text")], [0])
+    assert t.position == len(t.ids) - 1
+    np.testing.assert_allclose(pe.embed([Row(text="just some text")]), last.embed([Row(text="just some text")]), atol=1e-5)
 
 
 def _hidden_states(lm, ids):

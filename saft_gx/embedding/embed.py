@@ -28,7 +28,8 @@ class EmbedConfig:
 
     layers: 1-based decoder blocks whose *output* is read (layer L = ``hidden_states[L]`` in transformers).
     token: ``last`` (last token of the formatted row), ``prompt-end`` (last token of the assistant header,
-        before the response), or ``mean`` (mean over all tokens of the row).
+        before the response; for a plain-text row, which has no response, its last token), or ``mean`` (mean
+        over all tokens of the row).
     max_tokens: rows longer than this are cut to this length (``overlong="truncate"``, the default) or are an
         error (``overlong="error"``). For ``prompt-end`` only the prompt is ever run (a causal model's state at
         the prompt's last token does not depend on the response), and an over-long prompt loses its *middle*:
@@ -115,9 +116,9 @@ class Embedder:
             if not ids:
                 raise SaftError(f"row {rid}: the text tokenizes to nothing")
             head = heads[i]
-            if cfg.token == "prompt-end":
-                if head is None:
-                    raise SaftError("--token prompt-end needs prompt/response or messages rows, not plain text")
+            if cfg.token == "prompt-end" and head is None:
+                pos = len(ids) - 1  # a plain-text row has no answer: all of it is read as the request
+            elif cfg.token == "prompt-end":
                 offsets = enc.get("offset_mapping")
                 if offsets is not None:
                     # last token that starts inside the prompt part

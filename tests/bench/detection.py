@@ -100,7 +100,9 @@ def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.n
     out = {"n": len(y), "harmful": int(y.sum()), "flagged": float(flags.mean()), "flags": flags}
     if y.any() and not y.all():
         p, r, f1 = precision_recall_f1(flags, y.astype(bool))
-        out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=auroc(resp_len, y))
+        length = auroc(resp_len, y)
+        # the baseline at its best orientation: a benchmark where "shorter answer = harmful" works is not fair
+        out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=max(length, 1 - length))
         if with_calibration:
             out["calibrated"] = calibrated_auroc(stats, x, y, anchors_x, ya, rng)
     return out
@@ -129,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-calibration", action="store_true")
     ap.add_argument("--json", help="also write the per-mix results here")
+    ap.add_argument("--tau", type=float, help="report flags at this probability instead of the default τ")
     args = ap.parse_args(argv)
+    if args.tau is not None:
+        defaults.PROBABILITY_THRESHOLD = args.tau  # fit_default reads it at call time
 
     t0 = time.perf_counter()
     if args.data:
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     resp_len = df.response.str.len().to_numpy()
     print(f"data {name}: {len(df)} rows ({'both halves' if args.all_rows else f'half {args.half}'}), "
           f"{len(prompts)} prompts; anchors {len(ya)}; model {session.lm.model_ref}, layer {session.layer}, "
-          f"token {session.config.token}, k {defaults.K}, τ = p > {defaults.PROBABILITY_THRESHOLD}; "
+          f"token {session.config.token}, k {defaults.K}, τ = p > {defaults.PROBABILITY_THRESHOLD:g}; "
           f"embedded in {time.perf_counter() - t0:.0f} s")
 
     results = []
@@ -189,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_tables(res: pd.DataFrame, cats: dict[str, list[int]], seeds: int) -> None:
-    print(f"\nmean over {seeds} seeds (min in brackets where it matters); AUROC of the default detector, plain SAFT "
-          "(unsupervised, same vectors), calibrated (100 labels, λ = 0.2 only), and response length alone")
+    print(f"\nmean over {seeds} seeds (min in brackets); AUROC of the default detector, plain SAFT (unsupervised, same "
+          "vectors), calibrated (100 labels, λ = 0.2 only), and response length alone (max(AUROC, 1 − AUROC))")
     print("| mix | λ | default AUROC (min) | F1 | flagged (λ) | plain SAFT AUROC | calibrated (100 labels) | length AUROC |")
     print("|---|---|---|---|---|---|---|---|")
     for (mix, lam), g in res.groupby(["mix", "lam"], sort=True):
