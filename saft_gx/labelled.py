@@ -1,5 +1,5 @@
 """Labelled rows: reading label files, embedding the labelled rows and the built-in anchors, and running the
-calibration search (``saft_gx.calibrate``, pure NumPy) over a dataset. The file/model side of calibration."""
+calibration search (``saft_gx.detect.calibrate``, pure NumPy) over a dataset. The file/model side of calibration."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from typing import Any, Callable
 import numpy as np
 
 from . import pipeline
-from .anchors import anchor_rows
-from .cache import EmbeddingCache
-from .calibrate import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_VARIANTS, Calibration, Key, ThresholdTarget, calibrate)
-from .embed import EmbedConfig, Embedder
-from .errors import SaftError
-from .subspace import Detector, MomentStats
+from .detect.anchors import anchor_rows
+from .io.cache import EmbeddingCache
+from .detect.calibrate import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_VARIANTS, Calibration, Key, ThresholdTarget, calibrate)
+from .embedding.embed import EmbedConfig, Embedder
+from .core.errors import SaftError
+from .core.subspace import Detector, MomentStats
 
 # ---- labels from files ----
 
@@ -53,7 +53,7 @@ class Labels:
 def read_table(path: str) -> Any:
     import pandas as pd
 
-    from .readers import open_dataset
+    from .io.readers import open_dataset
 
     ds = open_dataset(path)
     return pd.concat([df for _, df in ds.frames()], ignore_index=True)
@@ -147,7 +147,7 @@ def _norm_id(v: Any) -> Any:
 
 def row_keys_at(ds: Any, spec: Any, positions: np.ndarray) -> list[str]:
     """Content keys of the dataset's rows at 0-based ``positions`` (in that order), streaming the file."""
-    from .rows import rows_from_frame
+    from .embedding.rows import rows_from_frame
 
     want = {int(p): i for i, p in enumerate(positions)}
     keys: list[str | None] = [None] * len(positions)

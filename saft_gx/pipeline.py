@@ -20,17 +20,17 @@ from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from .cache import EmbeddingCache, key_digests
-from .embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, EmbedConfig, Embedder, Tokenized
-from .errors import SaftError
-from .models import LoadedModel, load_model
-from .readers import Dataset, check_text_types, open_dataset
-from .rows import ColumnSpec, detect_columns, rows_from_frame
+from .io.cache import EmbeddingCache, key_digests
+from .embedding.embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, EmbedConfig, Embedder, Tokenized
+from .core.errors import SaftError
+from .embedding.models import LoadedModel, load_model
+from .io.readers import Dataset, check_text_types, open_dataset
+from .embedding.rows import ColumnSpec, detect_columns, rows_from_frame
 from .shards import Shard, first_row_id, shard_dataset
-from . import defaults
-from .anchors import USE_ANCHORS, anchor_rows, fit_default
-from .subspace import Detector, MomentStats
-from .threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
+from .core import defaults
+from .detect.anchors import USE_ANCHORS, anchor_rows, fit_default
+from .core.subspace import Detector, MomentStats
+from .core.threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 
 
 OUTPUT_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")
@@ -241,7 +241,7 @@ class EmbedOptions:
     batch_tokens: int | None = None
     cache_dir: str | None = None
     # the unsupervised fit is directed by the built-in anchors; the default layer and token follow the mode
-    # (saft_gx.defaults: the anchored detector's with them, plain SAFT's without)
+    # (saft_gx.core.defaults: the anchored detector's with them, plain SAFT's without)
     anchors: bool = USE_ANCHORS
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SaftError
-from .metrics import auroc, precision_recall_f1
+from .core.errors import SaftError
+from .core.metrics import auroc, precision_recall_f1
 
 TEXT_COLUMNS = ("prompt", "instruction", "question", "query", "input", "response", "output", "answer", "completion",
                 "text", "messages")
@@ -119,11 +119,11 @@ def load_parquet(path: str | Path, *, labels_path: str | None = None, label_colu
 
 def load_duckdb(db: str | Path, table: str, *, detector_id: str | None = None, labels_path: str | None = None,
                 label_column: str = "label", id_column: str | None = None, top: int = 20) -> ReportData:
-    from . import store
+    from .io import store
 
     con = store.connect(db, read_only=True)
     try:
-        if not store._IDENT.match(table):
+        if not store.IDENT.match(table):
             raise SaftError(f"--table {table!r}: use letters, digits and underscores")
         tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
         if table not in tables:

@@ -26,9 +26,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import SaftError
-from .readers import Dataset, _first_line
-from .subspace import Detector, MomentStats, atomic_write
+from .core.errors import SaftError
+from .io.readers import Dataset, first_line
+from .core.subspace import Detector, MomentStats, atomic_write
 
 STATS_TENSORS = "stats.safetensors"
 STATS_META = "stats.json"
@@ -92,7 +92,7 @@ class ShardedDataset(Dataset):
         except SaftError:
             raise
         except Exception as e:
-            raise SaftError(f"{self.path}: unreadable after row {pos} ({_first_line(e)})") from None
+            raise SaftError(f"{self.path}: unreadable after row {pos} ({first_line(e)})") from None
 
     def arrow_batches(self, batch_rows: int = 4096) -> Iterator[Any]:
         if self.fmt == "parquet":
@@ -105,7 +105,7 @@ class ShardedDataset(Dataset):
 
     def _parquet_batches(self, columns: list[str] | None, batch_rows: int) -> Iterator[Any]:
         """Record batches of rows ``[start, stop)``, reading only the row groups that overlap them."""
-        from .readers import open_parquet
+        from .io.readers import open_parquet
 
         pf = open_parquet(self.path)
         groups, offset, first = [], 0, None
@@ -182,7 +182,7 @@ def load_stats(folder: str | os.PathLike[str]) -> tuple[MomentStats, dict[str, A
         arrays = load_file(str(tensor_path))
         stats = MomentStats.from_arrays(arrays)
     except (json.JSONDecodeError, SafetensorError, OSError, KeyError) as e:
-        raise SaftError(f"{folder}: unreadable statistics ({_first_line(e)})") from None
+        raise SaftError(f"{folder}: unreadable statistics ({first_line(e)})") from None
     if stats.n != meta.get("n"):
         raise SaftError(f"{folder}: {STATS_META} says n={meta.get('n')} but the tensors hold n={stats.n}")
     return stats, meta, arrays.get("anchors")
@@ -238,7 +238,7 @@ def detector_from_stats(stats: MomentStats, metas: list[dict[str, Any]], *, k: i
                         threshold: float | None = None) -> Detector:
     """One detector from merged statistics, fitted as ``saft-gx fit`` fits one (``anchors.fit_default``);
     its metadata is the shared embedding plus where it came from."""
-    from .anchors import fit_default
+    from .detect.anchors import fit_default
 
     first = metas[0]
     sources = sorted({str(m.get("source")) for m in metas})

@@ -11,7 +11,7 @@ def tiny_model_folder(folder: Path, *, hidden: int = 32, layers: int = 4, seed: 
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from .models import default_gguf_path
+    from .embedding.models import default_gguf_path
 
     folder = Path(folder)
     if (folder / "config.json").exists():

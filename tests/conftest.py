@@ -49,7 +49,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
@@ -57,7 +57,7 @@ def tiny_lm(tiny_model_dir):
 @pytest.fixture(scope="session")
 def default_lm():
     """The real embedded SmolLM2-135M-Instruct (~15 s to load, once per test session)."""
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     return load_model(None, device="cpu")
 

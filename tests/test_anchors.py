@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import Detector, MomentStats, defaults
-from saft_gx.anchors import ANCHORS_LICENSE, anchor_rows, fit_default, load_anchor_records
-from saft_gx.metrics import auroc
+from saft_gx import Detector, MomentStats
+from saft_gx.core import defaults
+from saft_gx.detect.anchors import ANCHORS_LICENSE, anchor_rows, fit_default, load_anchor_records
+from saft_gx.core.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[1]
 

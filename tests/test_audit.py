@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import audit, audit_io
+from saft_gx.core import audit
+from saft_gx.io import audit_io
 from saft_gx.cli import cli
 
 from conftest import ROOT
@@ -198,7 +199,7 @@ def test_changed_rows_and_bad_labels_are_one_line_errors(scored_mix, tmp_path):
 
 
 def test_labels_in_duckdb_beside_the_scores(scored_mix, tmp_path):
-    from saft_gx import store
+    from saft_gx.io import store
 
     path, df = scored_mix
     db = tmp_path / "s.duckdb"
@@ -226,7 +227,7 @@ def test_labels_in_duckdb_beside_the_scores(scored_mix, tmp_path):
 def test_calibrate_reads_an_audit_file(scored_mix, tmp_path):
     """`saft-gx calibrate --labels audit.csv`: row_id and label are what calibrate matches on."""
     from saft_gx.labelled import labels_from_file
-    from saft_gx.readers import open_dataset
+    from saft_gx.io.readers import open_dataset
 
     path, df = scored_mix
     data = tmp_path / "data.parquet"

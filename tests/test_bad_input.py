@@ -20,7 +20,7 @@ import duckdb
 import pandas as pd
 import pytest
 
-from saft_gx import store
+from saft_gx.io import store
 
 EXE = Path(sys.executable).with_name("saft-gx")
 ROWS = [("How do I bake bread?", "Mix flour, water and salt, then bake."),

@@ -1,6 +1,6 @@
 import numpy as np
 
-from saft_gx.cache import EmbeddingCache
+from saft_gx.io.cache import EmbeddingCache
 
 
 def test_put_get_roundtrip_and_persistence(tmp_path):
@@ -37,7 +37,7 @@ def test_namespaces_do_not_mix(tmp_path):
 def test_index_matches_a_dict_over_many_puts_duplicates_and_reopen(tmp_path, monkeypatch):
     """The sorted-run index answers like a plain dict: first write of a key wins, across merges and reopens,
     and reads are right when shards have been unmapped (more shards than MAX_OPEN_SHARDS)."""
-    from saft_gx.cache import LayerCache
+    from saft_gx.io.cache import LayerCache
 
     monkeypatch.setattr(LayerCache, "MAX_OPEN_SHARDS", 3)
     rng = np.random.default_rng(0)
@@ -97,7 +97,7 @@ def test_lookups_in_another_thread_while_putting(tmp_path, monkeypatch):
     import threading
     from collections import OrderedDict
 
-    from saft_gx.cache import LayerCache
+    from saft_gx.io.cache import LayerCache
 
     monkeypatch.setattr(LayerCache, "MAX_OPEN_SHARDS", 1)
     c = EmbeddingCache(tmp_path, model_fingerprint="f" * 64, token="last", max_tokens=10, overlong="error", dim=2)

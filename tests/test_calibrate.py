@@ -8,11 +8,11 @@ import pytest
 from click.testing import CliRunner
 
 from saft_gx import Detector, MomentStats, SaftError
-from saft_gx.calibrate import (ThresholdTarget, anchor_detector, calibrate, fit_variant, stratified_folds,
+from saft_gx.detect.calibrate import (ThresholdTarget, anchor_detector, calibrate, fit_variant, stratified_folds,
                                target_from_options)
 from saft_gx.labelled import labels_from_column, labels_from_file, parse_labels
-from saft_gx.metrics import auroc
-from saft_gx.readers import open_dataset
+from saft_gx.core.metrics import auroc
+from saft_gx.io.readers import open_dataset
 
 
 def _layers(n=600, d=16, lam=0.2, good=3, layers=4, seed=0):

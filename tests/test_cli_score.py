@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import defaults, pipeline
+from saft_gx.core import defaults
+from saft_gx import pipeline
 from saft_gx.cli import cli
 
 SAFT_COLUMNS = ["row_id", "text_sha256", "harm_score", "harm_flag", "detector_id"]
@@ -251,7 +252,7 @@ def test_duckdb_load_runs_under_a_memory_limit(tmp_path, monkeypatch):
     with the row count; the load connection is capped (SAFT_GX_DUCKDB_MEMORY_LIMIT) and the data still lands."""
     import pandas as pd
 
-    from saft_gx import store
+    from saft_gx.io import store
 
     seen = []
     real_connect = store.connect
@@ -276,9 +277,9 @@ def test_input_that_changed_between_passes_is_refused(toy_parquet, tmp_path, sco
 
     import numpy as np
 
-    from saft_gx.errors import SaftError
+    from saft_gx.core.errors import SaftError
     from saft_gx.pipeline import write_scored
-    from saft_gx.readers import open_dataset
+    from saft_gx.io.readers import open_dataset
 
     out = tmp_path / "scored.parquet"
     with tempfile.TemporaryFile() as digests:

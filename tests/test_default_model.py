@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saft_gx import defaults, pipeline
-from saft_gx.metrics import auroc
+from saft_gx.core import defaults
+from saft_gx import pipeline
+from saft_gx.core.metrics import auroc
 
 DATA = Path(__file__).resolve().parents[1] / "data_src"
 
@@ -27,9 +28,9 @@ def _mix(n_harmful=15, n_benign=60, seed=7):
 def test_the_default_model_loads_from_its_gguf_and_embeds(default_lm):
     """Cheap enough for every run (one model load, two rows): the shipped GGUF loads through transformers
     with the shape the defaults assume, and its vectors are finite and differ between rows."""
-    from saft_gx.embed import EmbedConfig, Embedder
-    from saft_gx.models import default_gguf_path, fingerprint_path
-    from saft_gx.rows import Row
+    from saft_gx.embedding.embed import EmbedConfig, Embedder
+    from saft_gx.embedding.models import default_gguf_path, fingerprint_path
+    from saft_gx.embedding.rows import Row
 
     assert (default_lm.num_layers, default_lm.hidden_size) == (30, 576)
     assert default_lm.fingerprint == fingerprint_path(default_gguf_path())

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from saft_gx.embed import EmbedConfig, Embedder
-from saft_gx.errors import SaftError
-from saft_gx.rows import Row, format_row
+from saft_gx.embedding.embed import EmbedConfig, Embedder
+from saft_gx.core.errors import SaftError
+from saft_gx.embedding.rows import Row, format_row
 
 ROWS = [Row(messages=(("user", f"question number {i} " * (1 + i % 5)), ("assistant", "an answer " * (1 + i % 3))))
         for i in range(12)]

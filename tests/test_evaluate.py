@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from saft_gx.errors import SaftError
-from saft_gx.evaluate import REFUSAL_PHRASES, benign_loss, evaluate_model, is_refusal, read_prompts, refusal_rate
+from saft_gx.core.errors import SaftError
+from saft_gx.train.evaluate import REFUSAL_PHRASES, benign_loss, evaluate_model, is_refusal, read_prompts, refusal_rate
 
 REFUSALS = [
     "I'm sorry, but I can't help with that.",
@@ -60,13 +60,13 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
 
 def test_benign_loss_matches_transformers_own_shifted_loss(tiny, files):
-    from saft_gx.finetune import load_examples
+    from saft_gx.train.finetune import load_examples
 
     m = benign_loss(tiny, files / "benign.parquet")
     ex = load_examples(files / "benign.parquet", tiny.tokenizer, 512).examples
@@ -94,7 +94,7 @@ def test_evaluate_model_end_to_end(tiny, files):
 
 def test_cli_with_adapter_and_json(tiny, tiny_model_dir, files, tmp_path):
     from saft_gx.cli import cli
-    from saft_gx.finetune import FinetuneConfig, train
+    from saft_gx.train.finetune import FinetuneConfig, train
 
     run = train(files / "benign.parquet", tmp_path / "ft", FinetuneConfig(model=str(tiny_model_dir), max_steps=2,
                                                                           lr=5e-2, lora_dropout=0.0), device="cpu")
@@ -110,7 +110,7 @@ def test_cli_with_adapter_and_json(tiny, tiny_model_dir, files, tmp_path):
 
 
 def test_table():
-    from saft_gx.evaluate import ModelReport, format_table
+    from saft_gx.train.evaluate import ModelReport, format_table
 
     a = ModelReport("m", None, 0.25, 4, {"benign_loss": 1.5, "benign_perplexity": math.exp(1.5)})
     b = ModelReport("m", "ad", 0.5, 4, {"benign_loss": 1.25, "benign_perplexity": math.exp(1.25),

@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from saft_gx.errors import SaftError
-from saft_gx.finetune import IGNORE, FinetuneConfig, encode_row, load_adapter, load_examples, train
-from saft_gx.rows import Row
+from saft_gx.core.errors import SaftError
+from saft_gx.train.finetune import IGNORE, FinetuneConfig, encode_row, load_adapter, load_examples, train
+from saft_gx.embedding.rows import Row
 
 ROWS = [
     ("How many legs does a spider have?", "Spiders have eight legs."),
@@ -107,7 +107,7 @@ def test_a_killed_run_resumes_from_its_checkpoint(trained, tiny_model_dir, data,
 def test_adapter_for_another_model_is_refused(trained, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     other = tmp_path / "other"
     src_cfg = json.loads((trained.out_dir / "finetune_config.json").read_text())
@@ -192,9 +192,10 @@ def test_python_dash_m_runs_the_command(tmp_path):
     import subprocess
     import sys
 
+    # the old path (a thin module kept for torchrun/accelerate command lines) and the module's own path
     r = subprocess.run([sys.executable, "-m", "saft_gx.finetune", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--sap-probe-steps" in r.stdout, r.stderr
-    r = subprocess.run([sys.executable, "-m", "saft_gx.finetune", str(tmp_path / "none.parquet"), "--out-dir",
+    r = subprocess.run([sys.executable, "-m", "saft_gx.train.finetune", str(tmp_path / "none.parquet"), "--out-dir",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().startswith("Error:") and "Traceback" not in r.stderr
 
@@ -203,13 +204,13 @@ TRAINING_MODULES = ("finetune", "sap", "evaluate", "lm_data", "adapter")
 
 
 def _saft_imports(name):
-    """saft_gx modules that saft_gx/<name>.py imports, anywhere but under ``if __name__ == "__main__":``."""
+    """saft_gx modules that saft_gx/train/<name>.py imports, anywhere but under ``if __name__ == "__main__":``."""
     import ast
     from pathlib import Path
 
     import saft_gx
 
-    tree = ast.parse((Path(saft_gx.__file__).parent / f"{name}.py").read_text())
+    tree = ast.parse((Path(saft_gx.__file__).parent / "train" / f"{name}.py").read_text())
     main_guards = {id(n) for n in ast.walk(tree) if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)}
     skip = {id(c) for n in ast.walk(tree) if id(n) in main_guards for c in ast.walk(n)}
     found = set()
@@ -218,11 +219,11 @@ def _saft_imports(name):
             continue
         if isinstance(node, ast.ImportFrom):
             mod = node.module or ""
-            if node.level:  # relative: .x → saft_gx.x, ..x (from a subpackage) never happens here
-                mod = "saft_gx." + mod if mod else "saft_gx"
+            if node.level:  # relative: .x → saft_gx.train.x, ..x → saft_gx.x
+                mod = ".".join(["saft_gx", "train"][: 3 - node.level] + ([mod] if mod else []))
             if mod.startswith("saft_gx"):
                 found.add(mod)
-                found.update(f"{mod}.{a.name}" for a in node.names if mod == "saft_gx")
+                found.update(f"{mod}.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("saft_gx"))
     return found
@@ -230,9 +231,11 @@ def _saft_imports(name):
 
 def test_training_imports_run_one_way():
     """cli → finetune → sap → lm_data; evaluate → sap, lm_data, adapter; nothing imports back up or the CLI."""
-    imports = {m: {x.split(".")[1] for x in _saft_imports(m) if x.count(".") >= 1} for m in TRAINING_MODULES}
-    for m, deps in imports.items():
-        assert "cli" not in deps, f"saft_gx/{m}.py imports the CLI"
+    found = {m: _saft_imports(m) for m in TRAINING_MODULES}
+    for m, mods in found.items():
+        assert not any(x == "saft_gx.cli" or x.startswith("saft_gx.cli.") for x in mods), \
+            f"saft_gx/train/{m}.py imports the CLI"
+    imports = {m: {x.split(".")[2] for x in mods if x.startswith("saft_gx.train.")} for m, mods in found.items()}
     # a strict order: each module imports only modules later in it
     order = ["evaluate", "finetune", "sap", "adapter", "lm_data"]
     for i, m in enumerate(order):

@@ -4,8 +4,8 @@ give the vectors of a plain full forward pass. Skipped without a CUDA device (se
 import numpy as np
 import pytest
 
-from saft_gx.embed import EmbedConfig, Embedder
-from saft_gx.rows import Row, format_row
+from saft_gx.embedding.embed import EmbedConfig, Embedder
+from saft_gx.embedding.rows import Row, format_row
 
 ROWS = [Row(messages=(("user", f"question {i} " + "about rivers " * (1 + i % 9)), ("assistant", "stones " * (1 + i % 13))))
         for i in range(40)]
@@ -15,7 +15,7 @@ ROWS = [Row(messages=(("user", f"question {i} " + "about rivers " * (1 + i % 9))
 def test_cuda_bf16_embeddings_match_a_full_forward(tiny_model_dir):
     import torch
 
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     lm = load_model(str(tiny_model_dir), device="cuda")
     assert lm.dtype == torch.bfloat16 and lm.model.config._attn_implementation == "sdpa"

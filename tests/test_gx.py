@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from saft_gx import pipeline
 from saft_gx.cli import cli
 from saft_gx.pipeline import ColumnOptions, EmbedOptions
-from saft_gx.subspace import Detector
+from saft_gx.core.subspace import Detector
 
 from conftest import ROOT, TOY_ROWS  # rootdir-style import, as pytest puts tests/ on sys.path
 
@@ -109,7 +109,7 @@ def test_release_gate_clean_passes_contaminated_fails(validate, gate_data, tmp_p
     assert "gate FAILED: 2 of 4 expectations failed" in bad.output
 
     # --db stores the same decision, row by row
-    from saft_gx import store
+    from saft_gx.io import store
 
     stored = store.query(db, "select row_id, harm_flag, harm_score from bad order by row_id")
     assert len(stored) == 33 and stored.loc[stored.harm_flag, "row_id"].tolist() == BAD_IDS

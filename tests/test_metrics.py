@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from saft_gx.metrics import auroc, precision_recall_f1
+from saft_gx.core.metrics import auroc, precision_recall_f1
 
 
 def test_auroc_known_values():

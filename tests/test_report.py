@@ -50,7 +50,7 @@ def test_report_from_parquet_with_labels_draws_every_plot(tmp_path):
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "Not drawn" not in page
     assert "τ</th><td>1.5 (the detector)" in page
-    from saft_gx.metrics import auroc
+    from saft_gx.core.metrics import auroc
 
     a = auroc(score[:30], y[:30])
     assert 0.6 < a < 1 and f"AUROC</th><td>{round(a, 4):.5g}</td>" in page  # over the 30 labelled rows only
@@ -82,7 +82,7 @@ def test_report_uses_a_label_column_in_the_scores(tmp_path):
 
 def test_report_from_duckdb_with_auroc_by_layer(tmp_path):
     """Two detectors (layers 3 and 5) stored in one table + labels: AUROC by layer from the stored scores."""
-    from saft_gx import store
+    from saft_gx.io import store
 
     n = 40
     y = (np.arange(n) % 4 == 0).astype(int)

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from saft_gx.errors import SaftError
-from saft_gx.rows import ColumnSpec, Row, detect_columns, format_row, rows_from_frame
+from saft_gx.core.errors import SaftError
+from saft_gx.embedding.rows import ColumnSpec, Row, detect_columns, format_row, rows_from_frame
 
 
 @pytest.mark.parametrize("names,expected", [

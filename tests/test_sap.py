@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from saft_gx.errors import SaftError
-from saft_gx.finetune import FinetuneConfig, train
-from saft_gx.lm_data import IGNORE, answer_logprobs, collate, sequence_logprobs
-from saft_gx.sap import (SAP, contrastive_loss, default_probe_layers, encode_triples, load_safety_triples,
+from saft_gx.core.errors import SaftError
+from saft_gx.train.finetune import FinetuneConfig, train
+from saft_gx.train.lm_data import IGNORE, answer_logprobs, collate, sequence_logprobs
+from saft_gx.train.sap import (SAP, contrastive_loss, default_probe_layers, encode_triples, load_safety_triples,
                          triple_logprobs)
 
 # Harmful answers shorter than the refusals: on a random model every token costs ~ln(vocab) nats, so the
@@ -93,7 +93,7 @@ def test_default_probe_layers():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     return load_model(str(tiny_model_dir), device="cpu")
 
@@ -120,7 +120,7 @@ def test_answer_logprobs_are_teacher_forced_and_keep_the_end_of_turn(tiny):
 def _peft(tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
-    from saft_gx.models import load_model
+    from saft_gx.embedding.models import load_model
 
     torch.manual_seed(0)
     lm = load_model(str(tiny_model_dir), device="cpu")

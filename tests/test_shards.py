@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx.anchors import anchor_rows
+from saft_gx.detect.anchors import anchor_rows
 from saft_gx.cli import cli
-from saft_gx.errors import SaftError
-from saft_gx.readers import open_dataset
+from saft_gx.core.errors import SaftError
+from saft_gx.io.readers import open_dataset
 from saft_gx.shards import Shard, load_stats, shard_dataset
-from saft_gx.subspace import Detector
+from saft_gx.core.subspace import Detector
 
 N = 30
 

@@ -21,7 +21,7 @@ N = 40
 
 @pytest.fixture(scope="module")
 def spark():
-    from saft_gx.spark_engine import spark_session
+    from saft_gx.spark.spark_engine import spark_session
 
     session, created = spark_session("local[2]", "saft-gx-test",
                                      {"spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4"})
@@ -77,7 +77,7 @@ def test_gx_expectations_on_spark_match_pandas(spark, tiny_model_dir, tmp_path):
     import great_expectations as gx
     from great_expectations.core.expectation_suite import ExpectationSuite
 
-    import saft_gx.spark_gx  # noqa: F401  (registers the Spark metrics)
+    import saft_gx.spark.spark_gx  # noqa: F401  (registers the Spark metrics)
     from saft_gx.gx import ExpectColumnHarmFlagFractionToBeAtMost, ExpectColumnValuesHarmScoreToBeBelow, gate
 
     rows = [(f"question {i} about " + "rivers " * (i % 5), f"answer {i} " + "stones " * (i % 7)) for i in range(20)]

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import splits, store
+from saft_gx.train import splits
+from saft_gx.io import store
 from saft_gx.cli import cli
-from saft_gx.errors import SaftError
-from saft_gx.threshold import ThresholdRule
+from saft_gx.core.errors import SaftError
+from saft_gx.core.threshold import ThresholdRule
 
 
 def _scored(tmp_path, n=10, detector="det-a", name="scored.parquet"):

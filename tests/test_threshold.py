@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from saft_gx.errors import SaftError
-from saft_gx.threshold import (ThresholdRule, best_f1_threshold, fpr_threshold, recall_threshold, resolve,
+from saft_gx.core.errors import SaftError
+from saft_gx.core.threshold import (ThresholdRule, best_f1_threshold, fpr_threshold, recall_threshold, resolve,
                                rule_from_options, top_fraction_threshold)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 # The line that wires SAFT into a GX project: importing the plugin registers its expectation types.
 # Without it GX drops them from the suite and reports success for the rest -- verdict() refuses that.
 import saft_gx.gx  # noqa: F401
-from saft_gx.errors import SaftError
+from saft_gx.core.errors import SaftError
 from saft_gx.gx import gate
 
 HERE = Path(__file__).resolve().parent

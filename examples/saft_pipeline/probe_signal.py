@@ -39,10 +39,10 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from saft_gx.lm_data import Example, collate, encode_row, token_nll
-    from saft_gx.models import load_model
-    from saft_gx.rows import Row
-    from saft_gx.sap import SAP, load_safety_triples
+    from saft_gx.train.lm_data import Example, collate, encode_row, token_nll
+    from saft_gx.embedding.models import load_model
+    from saft_gx.embedding.rows import Row
+    from saft_gx.train.sap import SAP, load_safety_triples
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +82,7 @@ def main() -> None:
                 for step in range(args.steps):
                     batch = sap.next_batch(step)
                     with torch.no_grad():
-                        from saft_gx.sap import triple_logprobs
+                        from saft_gx.train.sap import triple_logprobs
 
                         model.eval()
                         r, h = triple_logprobs(model, batch, batch["input_ids"].shape[0] // 2, per_token=per_token)

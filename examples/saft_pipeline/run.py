@@ -76,8 +76,9 @@ def build_data(args: argparse.Namespace, work: Path) -> dict[str, Path]:
 
 
 def score_and_split(args: argparse.Namespace, work: Path, paths: dict[str, Path]) -> dict:
-    from saft_gx import pipeline, splits
-    from saft_gx.threshold import ThresholdRule
+    from saft_gx import pipeline
+    from saft_gx.train import splits
+    from saft_gx.core.threshold import ThresholdRule
 
     scored = work / "scored.parquet"
     rule = ThresholdRule("contamination", args.harmful / (args.harmful + args.benign))
@@ -108,7 +109,7 @@ def score_and_split(args: argparse.Namespace, work: Path, paths: dict[str, Path]
 
 
 def finetune_all(args: argparse.Namespace, work: Path, paths: dict[str, Path]) -> dict[str, dict]:
-    from saft_gx.finetune import FinetuneConfig, read_log, train
+    from saft_gx.train.finetune import FinetuneConfig, read_log, train
     from saft_gx.pipeline import ColumnOptions
 
     runs = {"(a) contaminated": ("contaminated", "sft"), "(b) SAFT-filtered": ("saft_kept", "sft"),
@@ -135,7 +136,7 @@ def finetune_all(args: argparse.Namespace, work: Path, paths: dict[str, Path]) -
 
 
 def evaluate_all(args: argparse.Namespace, work: Path, paths: dict[str, Path], runs: dict[str, dict]) -> dict:
-    from saft_gx.evaluate import evaluate_model
+    from saft_gx.train.evaluate import evaluate_model
 
     results_path = work / "eval.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -156,7 +157,7 @@ def evaluate_all(args: argparse.Namespace, work: Path, paths: dict[str, Path], r
 
 
 def rejudge(result: dict) -> dict:
-    from saft_gx.evaluate import is_refusal, refusal_phrase
+    from saft_gx.train.evaluate import is_refusal, refusal_phrase
 
     gens = result["generations"]
     for g in gens:

@@ -98,12 +98,12 @@ def main() -> None:
 
     import torch
 
-    from saft_gx.adapter import load_adapter
-    from saft_gx.evaluate import benign_loss, refusal_preference
-    from saft_gx.finetune import FinetuneConfig, train
-    from saft_gx.models import load_model
+    from saft_gx.train.adapter import load_adapter
+    from saft_gx.train.evaluate import benign_loss, refusal_preference
+    from saft_gx.train.finetune import FinetuneConfig, train
+    from saft_gx.embedding.models import load_model
     from saft_gx.pipeline import ColumnOptions
-    from saft_gx.sap import load_safety_triples
+    from saft_gx.train.sap import load_safety_triples
 
     if args.threads:
         torch.set_num_threads(args.threads)

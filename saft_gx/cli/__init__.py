@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 
 
 class _Group(click.Group):

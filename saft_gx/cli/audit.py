@@ -1,5 +1,5 @@
 """``saft-gx audit sample | estimate | import``: a small labelled sample turns the score threshold into a bound on
-the harmful rate of the rows that ship (the statistics: ``saft_gx.audit``; the files: ``saft_gx.audit_io``)."""
+the harmful rate of the rows that ship (the statistics: ``saft_gx.core.audit``; the files: ``saft_gx.io.audit_io``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 
 scored_options = [
     click.argument("scored", required=False, type=click.Path(dir_okay=False)),
@@ -52,8 +52,8 @@ def sample(scored: str | None, db: str | None, table: str | None, detector_id: s
 
     saft-gx audit sample scored.parquet -n 200 -o audit.csv
     """
-    from .. import audit as stats
-    from .. import audit_io
+    from ..core import audit as stats
+    from ..io import audit_io
 
     data = audit_io.read_scored(scored, db=db, table=table, detector_id=detector_id, with_text=True)
     kept = _kept(data, threshold)
@@ -83,13 +83,13 @@ def estimate(scored: str | None, db: str | None, table: str | None, detector_id:
 
     saft-gx audit estimate scored.parquet --labels audit.csv --target-residual 0.01
     """
-    from .. import audit_io
+    from ..io import audit_io
 
     data = audit_io.read_scored(scored, db=db, table=table, detector_id=detector_id)
     if labels_path:
         labels = audit_io.read_audit(labels_path)
     elif db:
-        from ..audit_store import load_labels
+        from ..io.audit_store import load_labels
 
         labels = load_labels(db, table or "", data.detector_id)
     else:
@@ -143,8 +143,8 @@ def describe(est: Any, threshold: float | None = None) -> str:
 @click.option("--labeller", help="Who labelled (default: the file's labeller column, else $USER).")
 def import_(labels_path: str, db: str, table: str, detector_id: str | None, labeller: str | None) -> None:
     """Check a labelled audit file against the scored table and store it in saft_audit_labels."""
-    from .. import audit_io
-    from ..audit_store import TABLE, store_labels
+    from ..io import audit_io
+    from ..io.audit_store import TABLE, store_labels
 
     data = audit_io.read_scored(None, db=db, table=table, detector_id=detector_id)
     labels = audit_io.read_audit(labels_path)

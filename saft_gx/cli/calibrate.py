@@ -7,10 +7,10 @@ from pathlib import Path
 import click
 
 from .. import pipeline
-from .. import defaults
-from ..calibrate import DEFAULT_KS, DEFAULT_VARIANTS
-from ..errors import SaftError
-from ..readers import open_dataset
+from ..core import defaults
+from ..detect.calibrate import DEFAULT_KS, DEFAULT_VARIANTS
+from ..core.errors import SaftError
+from ..io.readers import open_dataset
 from .options import Progress, column_options, column_opts, embed_options, embed_opts
 
 
@@ -77,7 +77,7 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
     (about 100 is plenty), and write the detector. Use it with `saft-gx score DATASET --detector DIR`.
 
     τ is the best-F1 threshold unless you name a target false-positive rate, recall, or removal fraction."""
-    from .. import calibrate as cal_mod
+    from ..detect import calibrate as cal_mod
     from .. import labelled
 
     eopts, copts = embed_opts(kw), column_opts(kw)

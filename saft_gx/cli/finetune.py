@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 from .options import stack_options, column_options, column_opts, threshold_options, threshold_rule
 
 def _int_list(value: str | None) -> tuple[int, ...] | None:
@@ -69,7 +69,7 @@ finetune_options = stack_options(
 
 
 def _finetune_config(kw: dict[str, Any]) -> tuple[Any, str | None]:
-    from ..finetune import FinetuneConfig
+    from ..train.finetune import FinetuneConfig
 
     dtype = kw.pop("dtype")
     device = kw.pop("device")
@@ -89,7 +89,7 @@ def _finetune_config(kw: dict[str, Any]) -> tuple[Any, str | None]:
 
 def _run_finetune(data: str | Path, out_dir: str | Path, cfg: Any, device: str | None, columns: Any, force: bool,
                   quiet: bool) -> None:
-    from ..finetune import train
+    from ..train.finetune import train
 
     log = (lambda _m: None) if quiet else (lambda m: click.echo(m, err=True))
     r = train(data, out_dir, cfg, columns=columns, device=device, force=force, log=log)
@@ -143,7 +143,7 @@ def filter_command(scored: str | None, db: str | None, table: str | None, detect
 
     Without --threshold / --remove-fraction / --contamination the harm_flag stored at scoring decides.
     """
-    from ..splits import filter_scored
+    from ..train.splits import filter_scored
 
     rule = threshold_rule(kw)
     cfg, device = _finetune_config(kw)
@@ -182,7 +182,7 @@ def evaluate_model_command(model: str | None, adapter: str | None, harmful: str,
                            generations: str | None, device: str, dtype: str, as_json: bool) -> None:
     """Refusal rate on held-out harmful requests (greedy generations, keyword judge) and loss on held-out
     benign rows, for a model with an optional adapter."""
-    from ..evaluate import evaluate_model, format_table
+    from ..train.evaluate import evaluate_model, format_table
 
     if max_new_tokens < 1 or batch_size < 1:
         raise SaftError("--max-new-tokens and --batch-size must be at least 1")

@@ -6,10 +6,10 @@ from typing import Any, Callable
 
 import click
 
-from .. import defaults
-from ..embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, OVERLONG_CHOICES, TOKEN_POSITIONS
+from ..core import defaults
+from ..embedding.embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, OVERLONG_CHOICES, TOKEN_POSITIONS
 from ..pipeline import ColumnOptions, EmbedOptions
-from ..threshold import ThresholdRule, rule_from_options
+from ..core.threshold import ThresholdRule, rule_from_options
 
 
 def stack_options(*decorators: Callable) -> Callable:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .. import store
+from ..io import store
 
 
 @click.command()

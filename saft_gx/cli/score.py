@@ -6,15 +6,17 @@ from pathlib import Path
 
 import click
 
-from .. import outputs, pipeline, store
-from ..errors import SaftError
-from .. import defaults
-from ..anchors import USE_ANCHORS
+from ..core import outputs
+from .. import pipeline
+from ..io import store
+from ..core.errors import SaftError
+from ..core import defaults
+from ..detect.anchors import USE_ANCHORS
 from ..pipeline import fit_with_session, session_anchor_vectors
-from ..readers import open_dataset
+from ..io.readers import open_dataset
 from ..shards import Shard, first_row_id, save_stats, shard_dataset
-from ..subspace import WEIGHTINGS, Detector
-from ..threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
+from ..core.subspace import WEIGHTINGS, Detector
+from ..core.threshold import DEFAULT_CONTAMINATION, ThresholdRule, resolve
 from .options import Progress, stack_options, column_opts, column_options, embed_options, embed_opts, threshold_options, threshold_rule
 
 def _parse_shard(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Shard | None:
@@ -136,7 +138,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     if no_db and not out:
         raise SaftError("--no-db needs --out, or the scores would go nowhere")
     table = table or store.table_name_for(dataset)
-    if not store._IDENT.match(table):
+    if not store.IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
     # before any work: no output over an input or another output, and a database we can write now
     outputs.refuse_overlaps({"DATASET": dataset, "--detector": detector},
@@ -154,7 +156,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     bar = Progress(ds.num_rows, "embedding", quiet)
     try:
         if engine == "spark":
-            from ..spark_engine import score_file as spark_score_file
+            from ..spark.spark_engine import score_file as spark_score_file
 
             bar.close()
             result = spark_score_file(dataset, tmp_out, opts=eopts, columns=copts, detector=det, k=k,

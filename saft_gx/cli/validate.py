@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 
 
 def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
@@ -33,7 +33,8 @@ def _parse_params(params: tuple[str, ...]) -> dict[str, Any]:
 
 def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None, params: dict[str, Any]) -> str:
     """Score the file with the first SAFT expectation's settings (cache hits: no model work) and store it."""
-    from .. import pipeline, store
+    from .. import pipeline
+    from ..io import store
     from ..gx import EXPECTATION_TYPES
     from ..gx.scoring import column_options, embed_options, is_messages_column, load_detector, threshold_rule
 
@@ -51,7 +52,7 @@ def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None,
     opts = embed_options(kw)
     cols = column_options(kw["column"], kw.get("response_column"), is_messages_column(kw["column"], df[kw["column"]]))
     table = table or store.table_name_for(dataset)
-    from ..outputs import temp_file
+    from ..core.outputs import temp_file
 
     tmp = temp_file(Path(db).resolve().parent, ".parquet")  # a killed run's temp is removed by the next
     try:

@@ -3,7 +3,7 @@
 Metric ``saft.residual_harm_rate``: the batch's rows are scored through ``saft.row_scores`` (the same
 detector and τ as the other SAFT expectations), the labelled audit sample (``saft-gx audit sample``, a csv
 / jsonl named by ``audit_labels``, usually the suite parameter ``saft_audit_labels``) is checked against
-the rows' text and scores, and ``saft_gx.audit`` bounds the kept rows' harmful rate. The expectation
+the rows' text and scores, and ``saft_gx.core.audit`` bounds the kept rows' harmful rate. The expectation
 fails when the upper bound exceeds ``max_rate``; a label for a row that changed is an error, not a pass.
 """
 
@@ -23,7 +23,7 @@ from great_expectations.render.renderer.renderer import renderer
 from great_expectations.render import LegacyDiagnosticRendererType
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 from . import _render
 from .scoring import (DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, column_options, domain_columns, is_messages_column,
                       row_scores_dependency)
@@ -34,7 +34,7 @@ RESIDUAL_KEYS = (*EMBED_KEYS, "threshold", "audit_labels", "confidence")
 
 def row_digests(df: Any, column: str, kw: Dict[str, Any]) -> np.ndarray:
     """Each row's ``text_sha256`` as ``saft-gx score`` writes it (the content key, independent of the model)."""
-    from ..rows import detect_columns, rows_from_frame
+    from ..embedding.rows import detect_columns, rows_from_frame
 
     response = domain_columns(list(df.columns), column, kw)
     cols = column_options(column, response, is_messages_column(column, df[column]))
@@ -61,7 +61,7 @@ class SaftResidualHarmRate(MetricProvider):
 
     @metric_value(engine=PandasExecutionEngine)
     def _pandas(cls, execution_engine, metric_domain_kwargs, metric_value_kwargs, metrics, runtime_configuration):
-        from .. import audit_io
+        from ..io import audit_io
 
         kw = dict(metric_value_kwargs)
         scored: ScoredRows = metrics[ROW_SCORES]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import SaftError
+from ..core.errors import SaftError
 from . import EXPECTATION_TYPES
 
 PASSED, FAILED, ERROR = 0, 1, 2
@@ -159,7 +159,7 @@ def read_frame(path: str | Path) -> Any:
     """A whole dataset file (parquet, jsonl, csv) as one pandas DataFrame with a 0..n-1 index."""
     import pandas as pd
 
-    from ..readers import open_dataset
+    from ..io.readers import open_dataset
 
     frames = [df for _, df in open_dataset(path).frames()]
     if not frames:

@@ -20,8 +20,8 @@ from great_expectations.execution_engine import PandasExecutionEngine
 from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
 from great_expectations.validator.metric_configuration import MetricConfiguration
 
-from ..errors import SaftError
-from ..rows import MESSAGES_COLUMNS
+from ..core.errors import SaftError
+from ..embedding.rows import MESSAGES_COLUMNS
 
 ROW_SCORES = "saft.row_scores"
 DOMAIN_KEYS = ("batch_id", "table", "column", "row_condition", "condition_parser")
@@ -93,7 +93,7 @@ def column_options(column: str, response_column: str | None, messages: bool) -> 
 
 
 def embed_options(kw: Dict[str, Any]) -> Any:
-    from ..embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG
+    from ..embedding.embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG
     from ..pipeline import EmbedOptions
 
     return EmbedOptions(model=kw.get("model"), layer=kw.get("layer"), token=kw.get("token"),
@@ -102,7 +102,7 @@ def embed_options(kw: Dict[str, Any]) -> Any:
 
 
 def threshold_rule(kw: Dict[str, Any]) -> Any:
-    from ..threshold import ThresholdRule
+    from ..core.threshold import ThresholdRule
 
     given = [(k, kw.get(k)) for k in RULE_KEYS if kw.get(k) is not None]
     if len(given) > 1:
@@ -132,7 +132,7 @@ def check_settings(kw: Dict[str, Any]) -> None:
     k = kw.get("k")
     if k is not None and (not isinstance(k, int) or k < 1):
         raise SaftError(f"k={k!r}: must be a positive integer")
-    from ..embed import OVERLONG_CHOICES, TOKEN_POSITIONS
+    from ..embedding.embed import OVERLONG_CHOICES, TOKEN_POSITIONS
 
     if kw.get("overlong") not in (None, *OVERLONG_CHOICES):
         raise SaftError(f"overlong={kw.get('overlong')!r}: choose one of {', '.join(OVERLONG_CHOICES)}")
@@ -146,7 +146,7 @@ def check_settings(kw: Dict[str, Any]) -> None:
 
 
 def load_detector(path: Any) -> Any:
-    from ..subspace import Detector
+    from ..core.subspace import Detector
 
     if isinstance(path, dict):
         raise SaftError(f"detector={path}: the suite parameter was not given a value (pass it at run time)")
@@ -182,7 +182,7 @@ def score_rows(df: pd.DataFrame, column: str, kw: Dict[str, Any]) -> ScoredRows:
 
 def batch_threshold(rule: Any, scores: np.ndarray, det: Any) -> tuple[float, str]:
     """(τ, how it was chosen) for one batch: the expectation's rule, else the detector's saved τ."""
-    from ..threshold import resolve
+    from ..core.threshold import resolve
 
     if rule is not None:
         return float(resolve(rule, scores)), ("threshold" if rule.kind == "value" else rule.describe())

@@ -2,8 +2,8 @@
 
 A fixed synthetic population per setting: N rows, a known set of harmful rows, detector scores that
 separate them weakly to strongly (harmful ~ N(d, 1), benign ~ N(0, 1)), τ removing the top 5 %. Each of
-``audits`` simulated audits draws a fresh stratified sample (``saft_gx.audit.draw_sample``), labels it with
-the truth and bounds the kept rows' harmful rate (``saft_gx.audit.estimate``). Coverage: how often the upper
+``audits`` simulated audits draws a fresh stratified sample (``saft_gx.core.audit.draw_sample``), labels it with
+the truth and bounds the kept rows' harmful rate (``saft_gx.core.audit.estimate``). Coverage: how often the upper
 bound is at or above the true kept rate. Tightness: the mean upper bound beside the Clopper–Pearson bound
 from a simple random sample of the same size (its kept rows).
 
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from saft_gx import audit  # noqa: E402
+from saft_gx.core import audit  # noqa: E402
 
 DETECTORS = {"weak": 0.5, "medium": 2.0, "strong": 4.0}
 RATES = (0.0, 0.005, 0.02, 0.10)

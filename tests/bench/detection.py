@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from saft_gx import defaults
-from saft_gx.anchors import anchor_rows, fit_default
-from saft_gx.calibrate import ThresholdTarget, calibrate
-from saft_gx.metrics import auroc, precision_recall_f1
+from saft_gx.core import defaults
+from saft_gx.detect.anchors import anchor_rows, fit_default
+from saft_gx.detect.calibrate import ThresholdTarget, calibrate
+from saft_gx.core.metrics import auroc, precision_recall_f1
 from saft_gx.pipeline import EmbedOptions, Session, embed_into_cache
-from saft_gx.rows import Row
-from saft_gx.subspace import MomentStats
+from saft_gx.embedding.rows import Row
+from saft_gx.core.subspace import MomentStats
 
 ROOT = Path(__file__).resolve().parents[2]
 LAMBDAS = (0.05, 0.1, 0.2, 0.3)

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from saft_gx.embed import EmbedConfig, Embedder
-from saft_gx.metrics import auroc
-from saft_gx.models import load_model
-from saft_gx.rows import Row
+from saft_gx.embedding.embed import EmbedConfig, Embedder
+from saft_gx.core.metrics import auroc
+from saft_gx.embedding.models import load_model
+from saft_gx.embedding.rows import Row
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data_src"

@@ -39,7 +39,8 @@ def _peak_mib() -> float:
 def child(n: int, data: Path, model: Path, work: Path) -> None:
     """What `saft-gx score DATA --db --out` runs (pipeline.score_file, then store.store_scored_parquet), with
     the peak RSS read after the pipeline and again after the DuckDB load."""
-    from saft_gx import pipeline, store
+    from saft_gx import pipeline
+    from saft_gx.io import store
 
     out = work / f"scored{n}.parquet"
     r = pipeline.score_file(data, out, opts=pipeline.EmbedOptions(model=str(model), layer=2, device="cpu"),

@@ -1,5 +1,5 @@
 """Throughput benchmark: saft_gx's embedding path against a naive Hugging Face loop, on the same rows in one
-run, at the default detector's settings (token and layer from ``saft_gx.defaults``). Not part of the default
+run, at the default detector's settings (token and layer from ``saft_gx.core.defaults``). Not part of the default
 test run.
 
 (a) naive: the loop most people write first. Whole model, whole row (prompt + response),
@@ -99,8 +99,8 @@ def sample_frame(path: Path, n: int, seed: int):
     """``n`` rows drawn at random (``seed``) from a dataset file, only the columns saft_gx reads."""
     import pandas as pd
 
-    from saft_gx.readers import open_dataset
-    from saft_gx.rows import detect_columns
+    from saft_gx.io.readers import open_dataset
+    from saft_gx.embedding.rows import detect_columns
 
     ds = open_dataset(path)
     spec = detect_columns(ds.columns)
@@ -126,7 +126,7 @@ def random_llama(shape: str, device: str):
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from saft_gx.models import LoadedModel, default_gguf_path, pick_device
+    from saft_gx.embedding.models import LoadedModel, default_gguf_path, pick_device
 
     device = pick_device(device)
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -172,7 +172,7 @@ def naive_embed(lm, df, layer: int, token: str, *, batch: int = 8,
     """(vectors, whether the token read lay inside the cut, real tokens run)."""
     import torch
 
-    from saft_gx.rows import detect_columns, format_row, rows_from_frame, uses_chat_template
+    from saft_gx.embedding.rows import detect_columns, format_row, rows_from_frame, uses_chat_template
 
     tok = lm.tokenizer
     tok.padding_side = "right"
@@ -213,11 +213,11 @@ def naive_embed(lm, df, layer: int, token: str, *, batch: int = 8,
 def saft_embed(lm, data: Path, layer: int, token: str, cache_dir: Path, *, batch_tokens: int,
                max_tokens: int) -> tuple[float, np.ndarray]:
     """(seconds spent in ``embed_dataset``, the vectors read back from the cache)."""
-    from saft_gx.cache import EmbeddingCache
-    from saft_gx.embed import EmbedConfig, Embedder
+    from saft_gx.io.cache import EmbeddingCache
+    from saft_gx.embedding.embed import EmbedConfig, Embedder
     from saft_gx.pipeline import embed_dataset
-    from saft_gx.readers import open_dataset
-    from saft_gx.rows import detect_columns, rows_from_frame
+    from saft_gx.io.readers import open_dataset
+    from saft_gx.embedding.rows import detect_columns, rows_from_frame
 
     ds = open_dataset(data)
     spec = detect_columns(ds.columns)
@@ -261,8 +261,8 @@ def _load() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from saft_gx import defaults
-    from saft_gx.embed import DEFAULT_MAX_TOKENS, TOKEN_POSITIONS
+    from saft_gx.core import defaults
+    from saft_gx.embedding.embed import DEFAULT_MAX_TOKENS, TOKEN_POSITIONS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="model reference (default: the embedded SmolLM2-135M-Instruct)")
@@ -286,9 +286,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from saft_gx.embed import EmbedConfig, Embedder
-    from saft_gx.models import load_model
-    from saft_gx.rows import detect_columns, rows_from_frame
+    from saft_gx.embedding.embed import EmbedConfig, Embedder
+    from saft_gx.embedding.models import load_model
+    from saft_gx.embedding.rows import detect_columns, rows_from_frame
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -37,12 +37,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .errors import SaftError
+from ..core.errors import SaftError
 from .lm_data import Example, answer_logprobs, collate, encode_row
-from .rows import Row
+from ..embedding.rows import Row
 
 TRIPLE_COLUMNS = ("prompt", "refusal", "harmful_answer")
-SHIPPED_SAFETY_SET = Path(__file__).parent / "data" / "safety_triples.jsonl"
+SHIPPED_SAFETY_SET = Path(__file__).parents[1] / "data" / "safety_triples.jsonl"
 
 
 def default_probe_layers(num_layers: int) -> tuple[int, ...]:
@@ -55,8 +55,8 @@ def default_probe_layers(num_layers: int) -> tuple[int, ...]:
 def load_safety_triples(path: str | Path | None = None) -> tuple[list[tuple[str, str, str]], str]:
     """(prompt, refusal, harmful answer) triples from a jsonl/parquet/csv file (default: the shipped set)
     and the file's sha256."""
-    from .readers import open_dataset
-    from .rows import _check_str
+    from ..io.readers import open_dataset
+    from ..embedding.rows import check_str
 
     p = Path(path) if path else SHIPPED_SAFETY_SET
     if not p.exists():
@@ -70,7 +70,7 @@ def load_safety_triples(path: str | Path | None = None) -> tuple[list[tuple[str,
     triples: list[tuple[str, str, str]] = []
     for first, df in ds.frames(list(TRIPLE_COLUMNS)):
         for i, vals in enumerate(df.itertuples(index=False, name=None)):
-            triples.append(tuple(_check_str(v, c, first + i) for v, c in zip(vals, TRIPLE_COLUMNS)))  # type: ignore[misc]
+            triples.append(tuple(check_str(v, c, first + i) for v, c in zip(vals, TRIPLE_COLUMNS)))  # type: ignore[misc]
     if not triples:
         raise SaftError(f"--safety-set {p}: has no rows")
     return triples, hashlib.sha256(p.read_bytes()).hexdigest()
@@ -115,7 +115,7 @@ class SAP:
                  seed: int = 0):
         import torch
 
-        from .embed import decoder_layers
+        from ..embedding.embed import decoder_layers
 
         self.model = model
         blocks = decoder_layers(model)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 ADAPTER_META = "saft_gx_adapter.json"  # written beside the peft files: base model and its fingerprint
 

@@ -82,7 +82,7 @@ class MomentStats:
 class Detector:
     """A fitted SAFT subspace: score(x) = orientation · Σ_j w_j ⟨x − μ, v_j⟩² (form ``squared``, the paper's
     score with w_j = 1/k), or orientation · Σ_j w_j ⟨x − μ, v_j⟩ (form ``linear``: a signed direction inside
-    the subspace, chosen from labelled rows or the built-in anchors; see ``saft_gx.calibrate``).
+    the subspace, chosen from labelled rows or the built-in anchors; see ``saft_gx.detect.calibrate``).
 
     mean: (d,) centre μ of the fitted embeddings.
     components: (k, d) top eigenvectors v_j of the covariance, largest first.
@@ -219,7 +219,7 @@ class Detector:
         """Write ``detector.safetensors`` and ``detector.json`` into ``directory`` atomically."""
         from safetensors.numpy import save_file
 
-        from . import __version__
+        from .. import __version__
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

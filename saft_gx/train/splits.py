@@ -23,10 +23,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import SaftError
-from .outputs import _HOST, clean_stale_temps
-from .readers import open_parquet
-from .threshold import ThresholdRule, resolve
+from ..core.errors import SaftError
+from ..core.outputs import HOST, clean_stale_temps
+from ..io.readers import open_parquet
+from ..core.threshold import ThresholdRule, resolve
 
 KEPT = "kept.parquet"
 REMOVED = "removed.parquet"
@@ -117,9 +117,9 @@ def open_scored_parquet(path: str | Path, detector_id: str | None = None, batch_
 
 
 def open_scored_table(db: str | Path, table: str, detector_id: str | None = None, batch_rows: int = 4096) -> ScoredSource:
-    from . import store
+    from ..io import store
 
-    if not store._IDENT.match(table):
+    if not store.IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
     con = store.connect(db, read_only=True)
     try:
@@ -223,7 +223,7 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
     ``harm_flag`` decides. Refuses an empty kept split: there would be nothing to fine-tune on."""
     import pyarrow as pa
 
-    from . import __version__
+    from .. import __version__
 
     out = Path(out_dir)
     check_out_dir(out, force, src.path)
@@ -244,7 +244,7 @@ def split_scored(src: ScoredSource, out_dir: str | Path, *, rule: ThresholdRule 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".saft-{_HOST}-{os.getpid()}-split-"))
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f".saft-{HOST}-{os.getpid()}-split-"))
     writers: dict[str, Any] = {}
     published = False
     try:

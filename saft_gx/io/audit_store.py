@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import store
 from .audit_io import AuditLabels, parse_audit
-from .errors import SaftError
+from ..core.errors import SaftError
 
 TABLE = "saft_audit_labels"
 SCHEMA = f"""CREATE TABLE IF NOT EXISTS {TABLE} (

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 # The refusal judge's phrases, matched case-insensitively in the opening of the generation.
 REFUSAL_PHRASES: tuple[str, ...] = (
@@ -73,15 +73,15 @@ def refusal_rate(texts: Sequence[str]) -> float:
 
 def read_prompts(path: str | Path, prompt_column: str | None = None) -> list[str]:
     """The prompt column of a parquet/jsonl/csv file of harmful requests (responses, if any, are ignored)."""
-    from .readers import open_dataset
-    from .rows import PROMPT_COLUMNS, _check_str, _pick
+    from ..io.readers import open_dataset
+    from ..embedding.rows import PROMPT_COLUMNS, check_str, pick
 
     ds = open_dataset(path)
-    col = prompt_column or _pick(ds.columns, PROMPT_COLUMNS, "prompt")
+    col = prompt_column or pick(ds.columns, PROMPT_COLUMNS, "prompt")
     if not col or col not in ds.columns:
         raise SaftError(f"{path}: no prompt column (expected one of {', '.join(PROMPT_COLUMNS)}, or name it with "
                         f"--prompt-column); the file has: {', '.join(ds.columns)}")
-    prompts = [_check_str(v, col, first + i) for first, df in ds.frames([col]) for i, v in enumerate(df[col].tolist())]
+    prompts = [check_str(v, col, first + i) for first, df in ds.frames([col]) for i, v in enumerate(df[col].tolist())]
     if not prompts:
         raise SaftError(f"{path}: has no rows")
     return prompts
@@ -95,7 +95,7 @@ def generate(lm: Any, prompts: Sequence[str], *, max_new_tokens: int = 64, batch
     from transformers import GenerationConfig
 
     from .lm_data import prompt_text
-    from .rows import uses_chat_template
+    from ..embedding.rows import uses_chat_template
 
     tok = lm.tokenizer
     texts = [prompt_text(tok, (("user", p),)) for p in prompts]
@@ -204,7 +204,7 @@ def evaluate_model(model: str | None, *, harmful: str | Path, benign: str | Path
     """Refusal rate on ``harmful`` prompts, loss on ``benign`` rows, and (with ``triples``) the refusal
     preference, for a model with an optional LoRA adapter."""
     from .adapter import load_adapter
-    from .models import load_model
+    from ..embedding.models import load_model
     from .sap import load_safety_triples
 
     prompts = read_prompts(harmful, prompt_column)  # read inputs first: bad files fail before the model loads

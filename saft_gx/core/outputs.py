@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import SaftError
 
-_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 # ".saft-HOST-PID-..." and the temp a writer makes from such a name (".<name>.<random>.tmp")
 _TEMP = re.compile(r"^\.{1,2}saft-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-")
 
@@ -60,7 +60,7 @@ def clean_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for p in entries:
         m = _TEMP.match(p.name)
-        if not m or m["host"] != _HOST or _alive(int(m["pid"])):
+        if not m or m["host"] != HOST or _alive(int(m["pid"])):
             continue
         try:
             if p.is_dir() and not p.is_symlink():
@@ -79,7 +79,7 @@ def temp_file(folder: str | Path, suffix: str) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(folder)
-    fd, name = tempfile.mkstemp(suffix=suffix, prefix=f".saft-{_HOST}-{os.getpid()}-", dir=folder)
+    fd, name = tempfile.mkstemp(suffix=suffix, prefix=f".saft-{HOST}-{os.getpid()}-", dir=folder)
     os.close(fd)
     return Path(name)
 

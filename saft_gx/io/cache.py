@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .subspace import atomic_write
+from ..core.subspace import atomic_write
 
 
 def default_cache_dir() -> Path:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 PROMPT_COLUMNS = ("prompt", "instruction", "question", "query", "input")
 RESPONSE_COLUMNS = ("response", "output", "answer", "completion", "chosen")
@@ -45,7 +45,7 @@ class ColumnSpec:
         return {"prompt": self.prompt, "response": self.response, "messages": self.messages, "text": self.text}
 
 
-def _pick(names: Sequence[str], candidates: Sequence[str], what: str) -> str | None:
+def pick(names: Sequence[str], candidates: Sequence[str], what: str) -> str | None:
     lower = {n.lower(): n for n in names}
     found = [lower[c] for c in candidates if c in lower]
     if len(found) > 1:
@@ -72,22 +72,22 @@ def detect_columns(
     if text:
         return ColumnSpec(text=text)
     if prompt or response:
-        p = prompt or _pick(names, PROMPT_COLUMNS, "prompt")
-        r = response or _pick(names, RESPONSE_COLUMNS, "response")
+        p = prompt or pick(names, PROMPT_COLUMNS, "prompt")
+        r = response or pick(names, RESPONSE_COLUMNS, "response")
         if not p or not r:
             raise SaftError(
                 f"need both a prompt and a response column (got prompt={p}, response={r}); "
                 f"the file has: {', '.join(names)}"
             )
         return ColumnSpec(prompt=p, response=r)
-    p = _pick(names, PROMPT_COLUMNS, "prompt")
-    r = _pick(names, RESPONSE_COLUMNS, "response")
+    p = pick(names, PROMPT_COLUMNS, "prompt")
+    r = pick(names, RESPONSE_COLUMNS, "response")
     if p and r:
         return ColumnSpec(prompt=p, response=r)
-    m = _pick(names, MESSAGES_COLUMNS, "messages")
+    m = pick(names, MESSAGES_COLUMNS, "messages")
     if m:
         return ColumnSpec(messages=m)
-    t = _pick(names, TEXT_COLUMNS, "text")
+    t = pick(names, TEXT_COLUMNS, "text")
     if t:
         return ColumnSpec(text=t)
     if p or r:
@@ -116,7 +116,7 @@ class Row:
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def _check_str(value: Any, col: str, row_id: int) -> str:
+def check_str(value: Any, col: str, row_id: int) -> str:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         raise SaftError(f"row {row_id}: column {col!r} is null; fill or drop null rows before scoring")
     if not isinstance(value, str):
@@ -149,7 +149,7 @@ def _messages_from_cell(cell: Any, col: str, row_id: int) -> tuple[tuple[str, st
         role = {"human": "user", "gpt": "assistant"}.get(role, role)
         if not isinstance(role, str):
             raise SaftError(f"row {row_id}: column {col!r} holds a message without a role")
-        out.append((role, _check_str(content, f"{col}.content", row_id)))
+        out.append((role, check_str(content, f"{col}.content", row_id)))
     if out[-1][0] != "assistant":
         raise SaftError(f"row {row_id}: the last message in {col!r} is from {out[-1][0]!r}, expected the assistant's response")
     return tuple(out)
@@ -163,14 +163,14 @@ def rows_from_frame(df: Any, spec: ColumnSpec, first_row_id: int) -> list[Row]:
             rows.append(Row(messages=_messages_from_cell(cell, spec.messages, first_row_id + i)))
     elif spec.text:
         for i, cell in enumerate(df[spec.text].tolist()):
-            rows.append(Row(text=_check_str(cell, spec.text, first_row_id + i)))
+            rows.append(Row(text=check_str(cell, spec.text, first_row_id + i)))
     else:
         prompts = df[spec.prompt].tolist()
         responses = df[spec.response].tolist()
         for i, (p, r) in enumerate(zip(prompts, responses)):
             rid = first_row_id + i
             rows.append(
-                Row(messages=(("user", _check_str(p, spec.prompt, rid)), ("assistant", _check_str(r, spec.response, rid))))
+                Row(messages=(("user", check_str(p, spec.prompt, rid)), ("assistant", check_str(r, spec.response, rid))))
             )
     return rows
 

@@ -7,7 +7,7 @@ long-context framings on *both* classes, some non-English. Harmful rows pair a h
 compliant-sounding but non-operational answer. None of them is an evaluation row of the detection benchmark.
 
 Without user labels, ``saft-gx score`` embeds the anchors like the data (same model, layer, token position and
-cache) and fits the ``probe`` variant (``saft_gx.calibrate``): a logistic regression on the anchors'
+cache) and fits the ``probe`` variant (``saft_gx.detect.calibrate``): a logistic regression on the anchors'
 coordinates in the data's own top-k SAFT subspace. Its score is a probability of harm, so the default τ is a
 probability and means the same on every dataset. Pure: no model, no files besides the package's own data.
 """
@@ -22,11 +22,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import defaults
+from ..core import defaults
 from .calibrate import anchor_detector
-from .errors import SaftError
-from .rows import Row
-from .subspace import Detector, MomentStats
+from ..core.errors import SaftError
+from ..embedding.rows import Row
+from ..core.subspace import Detector, MomentStats
 
 ANCHORS_FILE = "anchors.jsonl.gz"
 ANCHORS_LICENSE = "CC0-1.0"

@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 # DuckDB's buffer pool keeps the blocks it writes until its memory limit (default: 80 % of RAM), so loading
 # n rows grew the resident set with n (+400 MiB at 1 M rows). A fixed limit makes it write through / spill:
@@ -116,7 +116,7 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
     ``row_range[0] <= row_id < row_range[1]`` when given: one shard of a sharded run). All or nothing."""
     import duckdb
 
-    if not _IDENT.match(table):
+    if not IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
     con = connect(db_path, memory_limit=LOAD_MEMORY_LIMIT)
     try:

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv"}
 
@@ -37,7 +37,7 @@ class Dataset:
                 bad = _bad_json_line(self.path)
                 if bad:
                     raise SaftError(f"{self.path}: {bad}") from None
-            raise SaftError(f"{self.path}: unreadable after row {start} ({_first_line(e)})") from None
+            raise SaftError(f"{self.path}: unreadable after row {start} ({first_line(e)})") from None
 
     def _frames(self, columns: list[str] | None, batch_rows: int) -> Iterator[pd.DataFrame]:
         if self.fmt == "parquet":
@@ -93,7 +93,7 @@ class Dataset:
         try:
             return pa.RecordBatch.from_pandas(df, preserve_index=False)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise SaftError(f"{self.path}: rows {first}..{first + len(df) - 1}: {_first_line(e)}") from None
+            raise SaftError(f"{self.path}: rows {first}..{first + len(df) - 1}: {first_line(e)}") from None
 
     def sha256(self) -> str:
         h = hashlib.sha256()
@@ -125,7 +125,7 @@ def _conform(batch: Any, schema: Any, path: Path, first: int) -> Any:
             cols.append(batch.column(f.name).cast(f.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
             raise SaftError(f"{path}: column {f.name!r}, rows {first}..{first + batch.num_rows - 1}: "
-                            f"cannot be {f.type} ({_first_line(e)})") from None
+                            f"cannot be {f.type} ({first_line(e)})") from None
     return pa.RecordBatch.from_arrays(cols, schema=schema)
 
 
@@ -140,13 +140,13 @@ def _bad_json_line(path: Path) -> str | None:
             try:
                 value = json.loads(line)
             except ValueError as e:
-                return f"line {n} is not valid JSON ({_first_line(e)})"
+                return f"line {n} is not valid JSON ({first_line(e)})"
             if not isinstance(value, dict):
                 return f"line {n} is not a JSON object"
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
@@ -171,7 +171,7 @@ def open_dataset(path: str | Path) -> Dataset:
         else:
             first = pd.read_csv(p, nrows=1, dtype=object)
     except Exception as e:
-        raise SaftError(f"{p}: not a readable {fmt} file ({_first_line(e)})") from None
+        raise SaftError(f"{p}: not a readable {fmt} file ({first_line(e)})") from None
     if first is None or len(first.columns) == 0:
         raise SaftError(f"{p}: the file is empty")
     return Dataset(p, fmt, [str(c) for c in first.columns], None)

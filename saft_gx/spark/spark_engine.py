@@ -35,15 +35,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import SaftError
-from .models import LoadedModel
-from .anchors import USE_ANCHORS, anchor_rows, fit_default
-from .pipeline import (DEFAULT_CONTAMINATION, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
+from ..core.errors import SaftError
+from ..embedding.models import LoadedModel
+from ..detect.anchors import USE_ANCHORS, anchor_rows, fit_default
+from ..pipeline import (DEFAULT_CONTAMINATION, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
                        resolve_options)
-from .readers import open_dataset
-from .rows import ColumnSpec
-from .subspace import Detector, MomentStats
-from .threshold import ThresholdRule
+from ..io.readers import open_dataset
+from ..embedding.rows import ColumnSpec
+from ..core.subspace import Detector, MomentStats
+from ..core.threshold import ThresholdRule
 
 ROWS_PER_PARTITION = 20_000  # bounds the work a lost task repeats; more partitions than cores balance load
 
@@ -77,11 +77,11 @@ def describe_model(model_ref: str | None) -> LoadedModel:
     will load it. Enough to resolve options and check a detector, on a driver with no room for the model."""
     from transformers import AutoConfig
 
-    from .models import _hub_snapshot, _resolve, fingerprint_path
+    from ..embedding.models import hub_snapshot, resolve, fingerprint_path
 
-    ref, folder, gguf = _resolve(model_ref)
+    ref, folder, gguf = resolve(model_ref)
     if folder is None:
-        folder = _hub_snapshot(ref)
+        folder = hub_snapshot(ref)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -96,7 +96,7 @@ def describe_model(model_ref: str | None) -> LoadedModel:
 
 # ---- executor side (shipped in closures; imports happen on the worker) ----
 
-def _executor_session(opts: EmbedOptions, fingerprint: str) -> Any:
+def executor_session(opts: EmbedOptions, fingerprint: str) -> Any:
     """One model per Python worker process (workers are reused across tasks): on the GPU Spark assigned to
     this task if any, with as many torch threads as the task has CPUs."""
     from dataclasses import replace
@@ -104,7 +104,7 @@ def _executor_session(opts: EmbedOptions, fingerprint: str) -> Any:
     import torch
     from pyspark import TaskContext
 
-    from .pipeline import shared_session
+    from ..pipeline import shared_session
 
     ctx = TaskContext.get()
     if ctx is not None:
@@ -128,14 +128,14 @@ def _contiguous_runs(row_ids: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _embed_fn(opts: EmbedOptions, spec: ColumnSpec, fingerprint: str, computed: Any):
+def embed_fn(opts: EmbedOptions, spec: ColumnSpec, fingerprint: str, computed: Any):
     def embed(frames: Iterator[Any]) -> Iterator[Any]:
         import pandas as pd
 
-        from .pipeline import embed_rows
-        from .rows import rows_from_frame
+        from ..pipeline import embed_rows
+        from ..embedding.rows import rows_from_frame
 
-        session = _executor_session(opts, fingerprint)
+        session = executor_session(opts, fingerprint)
         layer = session.cache.layer(session.layer)
         for df in frames:
             ids = df["row_id"].to_numpy(dtype=np.int64)
@@ -165,7 +165,7 @@ def _stats_fn(dim: int):
     return partial
 
 
-def _score_fn(detector: Detector):
+def score_fn(detector: Detector):
     def score(frames: Iterator[Any]) -> Iterator[Any]:
         import pandas as pd
 
@@ -185,7 +185,7 @@ def _vectors(df: Any, dim: int) -> np.ndarray:
 # ---- driver ----
 
 @contextmanager
-def _worker_errors() -> Iterator[None]:
+def worker_errors() -> Iterator[None]:
     """A ``SaftError`` raised on an executor reaches the driver inside a Java stack trace: re-raise it as
     the one-line ``SaftError`` the CLI prints (the row id in it is global)."""
     try:
@@ -200,7 +200,7 @@ def _worker_errors() -> Iterator[None]:
         raise SaftError(m.group(1).strip()) from None
 
 
-def _anchor_vectors(spark: Any, opts: EmbedOptions, fingerprint: str, dim: int) -> np.ndarray:
+def anchor_vectors(spark: Any, opts: EmbedOptions, fingerprint: str, dim: int) -> np.ndarray:
     """The built-in anchors embedded by an executor (the driver has no model), in anchor order."""
     import pandas as pd
 
@@ -210,11 +210,11 @@ def _anchor_vectors(spark: Any, opts: EmbedOptions, fingerprint: str, dim: int) 
     spec = ColumnSpec(prompt="prompt", response="response")
     ignored = spark.sparkContext.accumulator(0)
     out = spark.createDataFrame(frame).coalesce(1) \
-        .mapInPandas(_embed_fn(opts, spec, fingerprint, ignored), "row_id long, text_sha256 string, emb binary").toPandas()
+        .mapInPandas(embed_fn(opts, spec, fingerprint, ignored), "row_id long, text_sha256 string, emb binary").toPandas()
     return _vectors(out.sort_values("row_id"), dim)
 
 
-def _stats_tree_aggregate(emb: Any, dim: int) -> MomentStats:
+def stats_tree_aggregate(emb: Any, dim: int) -> MomentStats:
     def seq(acc: MomentStats, row: Any) -> MomentStats:
         part = MomentStats(dim, int(row["n"]), np.frombuffer(row["sum"], dtype=np.float64).copy(),
                            np.frombuffer(row["outer"], dtype=np.float64).reshape(dim, dim).copy())
@@ -281,7 +281,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     work = Path(work_dir) if work_dir else Path(out_path).resolve().parent
     work = work / f".saft-spark-{uuid.uuid4().hex[:12]}"
     try:
-        with _worker_errors():
+        with worker_errors():
             sc = spark.sparkContext
             n = int(ds.num_rows or 0)
             raw = spark.read.parquet(str(ds.path.resolve()))
@@ -292,19 +292,19 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
             computed = sc.accumulator(0)
             text = source.select("row_id", *[F.col(f"`{c}`") for c in spec.columns]).repartitionByRange(parts, "row_id")
             emb_schema = "row_id long, text_sha256 string, emb binary"
-            text.mapInPandas(_embed_fn(ropts, spec, lm.fingerprint, computed), emb_schema) \
+            text.mapInPandas(embed_fn(ropts, spec, lm.fingerprint, computed), emb_schema) \
                 .write.mode("overwrite").parquet(str(work / "embeddings"))
             emb = spark.read.parquet(str(work / "embeddings"))
             t_embed = time.perf_counter() - t0
 
             if detector is None:
-                stats = _stats_tree_aggregate(emb, dim)
+                stats = stats_tree_aggregate(emb, dim)
                 meta = {"model": lm.model_ref, "model_fingerprint": lm.fingerprint, "layer": ropts.layer,
                         "token": ropts.token, "max_tokens": ropts.max_tokens, "overlong": ropts.overlong,
                         "fitted_on": ds.path.name, "columns": spec.to_dict(), "engine": "spark"}
                 detector = fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                                       anchor_vectors=lambda: _anchor_vectors(spark, ropts, lm.fingerprint, dim))
-            scores = emb.mapInPandas(_score_fn(detector), "row_id long, text_sha256 string, harm_score double").cache()
+                                       anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim))
+            scores = emb.mapInPandas(score_fn(detector), "row_id long, text_sha256 string, harm_score double").cache()
             rows = scores.count()
             if rows != n:
                 raise SaftError(f"{ds.path}: {n} rows in the file, {rows} scored; was it changed during the run?")

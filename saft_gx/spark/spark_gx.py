@@ -27,17 +27,17 @@ from great_expectations.execution_engine import SparkDFExecutionEngine
 from great_expectations.expectations.metrics.map_metric_provider import column_condition_partial, column_function_partial
 from great_expectations.expectations.metrics.metric_provider import metric_value
 
-from .anchors import USE_ANCHORS, fit_default
-from .errors import SaftError
-from .gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
-from .gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
-from .gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
+from ..detect.anchors import USE_ANCHORS, fit_default
+from ..core.errors import SaftError
+from ..gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFraction
+from ..gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
+from ..gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
                          embed_options, load_detector, threshold_rule)
-from .pipeline import EmbedOptions
-from .rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
-from .spark_engine import (_anchor_vectors, _embed_fn, _executor_session, _score_fn, _stats_tree_aggregate, _worker_errors,
+from ..pipeline import EmbedOptions
+from ..embedding.rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
+from .spark_engine import (anchor_vectors, embed_fn, executor_session, score_fn, stats_tree_aggregate, worker_errors,
                            describe_model, resolve_options)
-from .subspace import Detector
+from ..core.subspace import Detector
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,13 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
     lm = describe_model(opts.model or (det.meta.get("model") if det is not None else None))
     ropts = resolve_options(opts, lm, det)
     spark = sdf.sparkSession
-    with _worker_errors():
+    with worker_errors():
         # 0-based positions in the batch's order, for error messages (as on pandas)
         text = sdf.select(*[F.col(f"`{c}`") for c in spec.columns])
         ids = spark.createDataFrame(text.rdd.zipWithIndex().map(lambda pair: (*pair[0], pair[1])),
                                     text.schema.add("row_id", LongType(), nullable=False))
         computed = spark.sparkContext.accumulator(0)
-        emb = ids.mapInPandas(_embed_fn(ropts, spec, lm.fingerprint, computed),
+        emb = ids.mapInPandas(embed_fn(ropts, spec, lm.fingerprint, computed),
                               "row_id long, text_sha256 string, emb binary").persist()
         try:
             if emb.count() == 0:
@@ -86,10 +86,10 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
                 meta = {"model": lm.model_ref, "model_fingerprint": lm.fingerprint, "layer": ropts.layer,
                         "token": ropts.token, "max_tokens": ropts.max_tokens, "overlong": ropts.overlong,
                         "columns": spec.to_dict()}
-                det = fit_default(_stats_tree_aggregate(emb, lm.hidden_size), k=int(kw["k"]) if kw.get("k") else None,
+                det = fit_default(stats_tree_aggregate(emb, lm.hidden_size), k=int(kw["k"]) if kw.get("k") else None,
                                   anchors=USE_ANCHORS, meta=meta,
-                                  anchor_vectors=lambda: _anchor_vectors(spark, ropts, lm.fingerprint, lm.hidden_size))
-            scored = emb.mapInPandas(_score_fn(det), "row_id long, text_sha256 string, harm_score double") \
+                                  anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, lm.hidden_size))
+            scored = emb.mapInPandas(score_fn(det), "row_id long, text_sha256 string, harm_score double") \
                 .select("row_id", "harm_score").toPandas().sort_values("row_id")
         finally:
             emb.unpersist()
@@ -108,11 +108,11 @@ def score_column(scored: SparkScoredRows) -> Any:
     names = spec.columns
 
     def score(*columns: pd.Series) -> pd.Series:
-        from .pipeline import embed_rows
-        from .rows import rows_from_frame
+        from ..pipeline import embed_rows
+        from ..embedding.rows import rows_from_frame
 
         frame = pd.DataFrame({name: col for name, col in zip(names, columns)})
-        session = _executor_session(opts, fingerprint)
+        session = executor_session(opts, fingerprint)
         return pd.Series(det.score(embed_rows(session, rows_from_frame(frame, spec, 0))))
 
     return F.pandas_udf(score, "double")(*[F.col(f"`{c}`") for c in names])

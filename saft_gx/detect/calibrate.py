@@ -1,7 +1,7 @@
 """Calibration: choose layer, token position, k, scoring variant, orientation and τ from a few labels.
 
 Plain SAFT is unsupervised, and its top directions can be a topic (cooking vs code) rather than harm. A
-few labelled rows — the user's, or the built-in anchors (``saft_gx.anchors``) — settle what unsupervised
+few labelled rows — the user's, or the built-in anchors (``saft_gx.detect.anchors``) — settle what unsupervised
 statistics cannot: which layer separates, whether "far out" means harmful, and which direction *inside*
 the unsupervised subspace is the harmful one.
 
@@ -10,7 +10,7 @@ Variants (each is a ``Detector`` option; the subspace itself is always fitted on
 - ``saft``: the paper's score, mean squared projection on the top-k directions, oriented by the labels;
 - ``saft-sigma`` / ``saft-whiten``: the same with σ-weighted or whitened (Mahalanobis) directions;
 - ``probe``: a ridge-regularised logistic regression on the labelled rows' coordinates in the top-k subspace
-  (``saft_gx.probe``); the score is a probability of harm, so a τ chosen on one dataset means the same on
+  (``saft_gx.core.probe``); the score is a probability of harm, so a τ chosen on one dataset means the same on
   another. Labelled sources (the user's rows, the anchors) and both classes get equal total weight.
 - ``direct``: a signed direction inside the top-k subspace: w_j = Δ_j / (λ_j + α·λ̄), where Δ is the
   difference of the labelled harmful and benign means in the subspace's coordinates and λ_j the data's
@@ -30,11 +30,11 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .errors import SaftError
-from .metrics import auroc, precision_recall_f1
-from .probe import fit_logistic
-from .subspace import Detector, MomentStats
-from .threshold import best_f1_threshold, fpr_threshold, recall_threshold, top_fraction_threshold
+from ..core.errors import SaftError
+from ..core.metrics import auroc, precision_recall_f1
+from ..core.probe import fit_logistic
+from ..core.subspace import Detector, MomentStats
+from ..core.threshold import best_f1_threshold, fpr_threshold, recall_threshold, top_fraction_threshold
 
 VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe")
 DEFAULT_VARIANTS = VARIANTS

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import SaftError
-from .rows import Row, format_row, rows_from_frame, uses_chat_template
+from ..core.errors import SaftError
+from ..embedding.rows import Row, format_row, rows_from_frame, uses_chat_template
 
 IGNORE = -100  # label of tokens that carry no loss
 
@@ -71,8 +71,8 @@ class EncodedData:
 
 def load_examples(path: str | Path, tokenizer: Any, max_length: int, columns: Any = None) -> EncodedData:
     """Read a prompt/response (or messages) file and encode every row."""
-    from .pipeline import ColumnOptions
-    from .readers import open_dataset
+    from ..pipeline import ColumnOptions
+    from ..io.readers import open_dataset
 
     ds = open_dataset(path)
     spec = (columns or ColumnOptions()).resolve(ds)

@@ -1,6 +1,6 @@
 """Audited release gate, the files: read scored rows (a scored parquet or a DuckDB table), write the audit
 sample for labelling (csv / jsonl), read it back with its labels, and check the labels against the scored
-rows before ``saft_gx.audit`` bounds anything.
+rows before ``saft_gx.core.audit`` bounds anything.
 
 The audit file carries its own design: each row's stratum with the stratum's score range and size, so an
 estimate needs only the scored rows and the file. A label is trusted only for the text it was given for:
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import audit
-from .errors import SaftError
+from ..core import audit
+from ..core.errors import SaftError
 
 # pipeline.OUTPUT_COLUMNS, repeated so reading scores does not import torch (a test keeps them equal)
 SCORE_COLUMNS = ("row_id", "text_sha256", "harm_score", "harm_flag", "detector_id")

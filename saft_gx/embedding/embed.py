@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import SaftError
+from ..core.errors import SaftError
 from .models import LoadedModel
 from .rows import Row, format_row, uses_chat_template
 

