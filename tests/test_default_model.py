@@ -60,6 +60,6 @@ def test_harmful_rows_score_higher_on_the_default_model(default_lm, tmp_path):
     assert a >= MIN_AUROC, f"AUROC {a:.3f} (response-length baseline {length:.3f})"
 
 
-# Measured 0.980 with the default detector (built-in anchors) on this draw, 2026-11-23; plain
-# unsupervised SAFT (--no-anchors, last token, layer 6, k=4) measured 0.62 on the same draw.
-MIN_AUROC = 0.93
+# The default detector (probe on the built-in anchors, prompt-end, layer 18) scores 0.953-0.960 on 600-row
+# mixes of these pools (`python tests/bench/detection.py --seeds 5`, worst draw 0.937); a 75-row draw is noisier.
+MIN_AUROC = 0.88
