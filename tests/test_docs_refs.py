@@ -29,5 +29,5 @@ def test_referenced_files_exist(doc):
 
 def test_the_check_can_fail(tmp_path):
     doc = tmp_path / "x.md"
-    doc.write_text("see METHODS.md and ../shared/ENVIRONMENT.md and `tests/bench/nope.py`, and `saft_gx/embedding/embed.py`")
-    assert set(_refs(doc)) == {"METHODS.md", "../shared/ENVIRONMENT.md", "tests/bench/nope.py", "saft_gx/embedding/embed.py"}
+    doc.write_text("see GONE.md and ../outside/NOTES.md and `tests/bench/nope.py`, and `saft_gx/embedding/embed.py`")
+    assert set(_refs(doc)) == {"GONE.md", "../outside/NOTES.md", "tests/bench/nope.py", "saft_gx/embedding/embed.py"}
