@@ -29,8 +29,6 @@ SCHEMA = f"""CREATE TABLE IF NOT EXISTS {TABLE} (
 
 def store_labels(db: str | Path, table: str, labels: AuditLabels, *, detector_id: str, labeller: str | None = None) -> int:
     """Write checked labels; a file imported again for the same table and detector replaces its rows."""
-    import duckdb
-
     df = labels.frame
     source = str(Path(labels.source).resolve())
     who = _column_or(df, "labeller", labeller or os.environ.get("USER") or "unknown")
@@ -46,24 +44,11 @@ def store_labels(db: str | Path, table: str, labels: AuditLabels, *, detector_id
         "stratum_rows": labels.stratum_rows[labels.stratum], "labeller": who, "labelled_at": when,
         "source_file": source, "imported_at": datetime.now(timezone.utc).replace(tzinfo=None),
     })
-    con = store.connect(db)
-    try:
-        con.execute("BEGIN TRANSACTION")
+    with store.transaction(db) as con:
         con.execute(SCHEMA)
         con.execute(f"DELETE FROM {TABLE} WHERE table_name = ? AND detector_id = ? AND source_file = ?", [table, detector_id, source])
         con.register("new_labels", rows)
         con.execute(f"INSERT INTO {TABLE} SELECT * FROM new_labels")
-        con.execute("COMMIT")
-    except BaseException as e:
-        try:
-            con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass
-        if isinstance(e, duckdb.Error):
-            raise SaftError(f"{db}: {str(e).splitlines()[0]}") from None
-        raise
-    finally:
-        con.close()
     return len(rows)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..core.errors import SaftError
 
@@ -114,14 +115,10 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
                          run: dict[str, Any], row_range: tuple[int, int] | None = None) -> int:
     """Load a scored parquet into ``table``, replacing that detector's earlier rows (only those with
     ``row_range[0] <= row_id < row_range[1]`` when given: one shard of a sharded run). All or nothing."""
-    import duckdb
-
     if not IDENT.match(table):
         raise SaftError(f"--table {table!r}: use letters, digits and underscores")
-    con = connect(db_path, memory_limit=LOAD_MEMORY_LIMIT)
-    try:
-        src = f"read_parquet({_sql_str(str(parquet_path))})"
-        con.execute("BEGIN TRANSACTION")
+    src = f"read_parquet({_sql_str(str(parquet_path))})"
+    with transaction(db_path, memory_limit=LOAD_MEMORY_LIMIT) as con:
         migrate(con)
         exists = con.execute(
             # DuckDB names are case-insensitive: BASE20 is the table base20
@@ -151,8 +148,20 @@ def store_scored_parquet(db_path: str | Path, table: str, parquet_path: str | Pa
              run.get("threshold_rule"), run.get("model"), run.get("model_fingerprint"), run.get("layer"),
              run.get("token"), run.get("k")],
         )
+    return int(n)
+
+
+@contextmanager
+def transaction(db_path: str | Path, **connect_kwargs: Any) -> Iterator[Any]:
+    """A writable connection inside one transaction: committed when the block ends, rolled back on any error
+    (a DuckDB error becomes one line naming the database), closed either way."""
+    import duckdb
+
+    con = connect(db_path, **connect_kwargs)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        yield con
         con.execute("COMMIT")
-        return int(n)
     except BaseException as e:
         try:
             con.execute("ROLLBACK")
