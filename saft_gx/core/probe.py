@@ -39,7 +39,9 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, c: float = 0.1, sample_weight:
 
     Minimises Σ wᵢ·logloss(yᵢ, xᵢβ + b) / Σwᵢ · n + ‖β‖² / (2c) (scikit-learn's ``C = c`` convention, features
     scaled to unit variance first so one ``c`` suits every layer); the intercept is not penalised. The result is
-    mapped back to the raw inputs. Newton converges in ~10 steps here (d ≤ a few thousand, convex)."""
+    mapped back to the raw inputs. Newton converges in ~10 steps here (convex). With more dimensions than rows
+    (a probe on a whole hidden state from 100 labels) the solution lies in the span of the rows (representer
+    theorem), so it is found exactly in an orthonormal basis of that span: an n×n problem instead of d×d."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or len(x) != len(y):
@@ -53,7 +55,12 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, c: float = 0.1, sample_weight:
     mu = np.average(x, axis=0, weights=w)
     sd = np.sqrt(np.average((x - mu) ** 2, axis=0, weights=w))
     sd[sd < 1e-12] = 1.0
-    z = np.hstack([(x - mu) / sd, np.ones((len(y), 1))])
+    zf = (x - mu) / sd
+    basis = None
+    if zf.shape[1] > zf.shape[0]:
+        basis, r = np.linalg.qr(zf.T)  # (d, n) orthonormal columns; zf = r.T @ basis.T, and ‖basis·γ‖ = ‖γ‖
+        zf = r.T
+    z = np.hstack([zf, np.ones((len(y), 1))])
     d = z.shape[1]
     reg = np.full(d, 1.0 / c)
     reg[-1] = 0.0  # no penalty on the intercept
@@ -66,5 +73,5 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, *, c: float = 0.1, sample_weight:
         beta -= step
         if np.max(np.abs(step)) < tol:
             break
-    coef = beta[:-1] / sd
+    coef = (beta[:-1] if basis is None else basis @ beta[:-1]) / sd
     return LogisticFit(coef=coef, intercept=float(beta[-1] - mu @ coef))
