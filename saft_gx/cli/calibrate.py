@@ -60,7 +60,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("--ks", default=",".join(map(str, DEFAULT_KS)),
               show_default=True, help="Candidate numbers of directions.")
 @click.option("--variants", default=",".join(DEFAULT_VARIANTS),
-              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe).")
+              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe, probe-full).")
 @click.option("--anchors/--no-anchors", default=True, show_default=True,
               help="Also train orientation/direction on the built-in anchors (never used to judge or for τ).")
 @click.option("--target-fpr", type=float, help="τ: at most this false-positive rate on the labelled benign rows.")

@@ -16,6 +16,9 @@ Variants (each is a ``Detector`` option; the subspace itself is always fitted on
   difference of the labelled harmful and benign means in the subspace's coordinates and λ_j the data's
   variance along v_j (LDA with the data's covariance, shrunk towards the mean difference). Scaled so the
   data's scores have mean 0 and standard deviation 1: a score is "data standard deviations towards harm".
+- ``probe-full``: the logistic probe on every dimension of the hidden state (each standardised), from the
+  user's rows alone. With ~100 labels it reads harm the top-k subspace misses (measured in
+  tests/bench/detection.py); ``k`` does not apply (reported as the embedding size).
 
 Candidates are compared by the AUROC of out-of-fold scores on the labelled rows (stratified folds; the
 anchors, when added, only ever train). τ is chosen on the same out-of-fold scores, so it is not fitted to
@@ -36,7 +39,8 @@ from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
 from ..core.threshold import best_f1_threshold, fpr_threshold, recall_threshold, top_fraction_threshold
 
-VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe")
+VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe", "probe-full")
+FULL_SPACE = ("probe-full",)  # variants that read every dimension of the hidden state, not the top-k subspace
 DEFAULT_VARIANTS = VARIANTS
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_C = 0.1  # inverse ridge strength on standardised coordinates; measured in tests/bench/detection.py
@@ -92,7 +96,25 @@ def direct_coef(det: Detector, x: np.ndarray, y: np.ndarray, *, groups: np.ndarr
 def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = None, y: np.ndarray | None = None, *,
                 groups: np.ndarray | None = None, shrink: float = DEFAULT_SHRINK) -> Detector:
     """The ``variant`` detector on the first ``k`` directions of ``base`` (fitted unsupervised on the data),
-    oriented / directed by the labelled vectors ``x`` with labels ``y`` (1 = harmful) when given."""
+    oriented / directed by the labelled vectors ``x`` with labels ``y`` (1 = harmful) when given.
+
+    ``probe-full`` ignores ``k`` and the subspace: a logistic probe on every dimension of the hidden state
+    (each standardised), fitted on the user's rows only (group 0 of ``groups``; the anchors, group 1, are left
+    out: with 100 labels they pull the direction away from the user's data — tests/bench/detection.py). It is
+    stored as a one-direction linear detector: v = β/‖β‖, weight ‖β‖."""
+    if variant == "probe-full":
+        if x is None or y is None:
+            raise SaftError("the probe-full variant needs labelled rows")
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y)
+        if groups is not None and (np.asarray(groups) == 0).any():
+            own = np.asarray(groups) == 0
+            x, y = x[own], y[own]
+        fit = fit_logistic(x - base.mean, y, c=PROBE_C, sample_weight=balanced_weights(y))
+        norm = float(np.linalg.norm(fit.coef)) or 1.0
+        return base.with_(components=(fit.coef / norm)[None, :], singular_values=np.zeros(1), weighting="none",
+                          form="linear", coef=np.array([norm]), intercept=fit.intercept, link="logistic",
+                          orientation=1, threshold=None)
     det = top(base, k)
     if variant == "probe":
         if x is None or y is None:
@@ -325,7 +347,7 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
             raise SaftError(f"{len(y)} labels but {x.shape[0]} labelled vectors at {key}")
         xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)
         for variant in variants:
-            for k in sorted({min(k, kmax) for k in ks}):
+            for k in ([st.dim] if variant in FULL_SPACE else sorted({min(k, kmax) for k in ks})):
                 s = oof_scores(base, variant, k, x, y, fold_of=fold_of, x_extra=xa, y_extra=ya, shrink=shrink)
                 t = Trial(key[0], key[1], variant, k, auroc(s, y), dprime(s, y))
                 trials.append(t)
@@ -337,7 +359,7 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
     xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)
     xt, yt, gt = _stack(np.asarray(labelled[key], dtype=np.float64), y, xa, ya)
     det = fit_variant(bases[key], chosen.variant, chosen.k, xt, yt, groups=gt, shrink=shrink)
-    if chosen.variant not in ("direct", "probe") and det.orientation != fit_variant(bases[key], chosen.variant, chosen.k, labelled[key], y).orientation:
+    if chosen.variant not in ("direct", "probe", *FULL_SPACE) and det.orientation != fit_variant(bases[key], chosen.variant, chosen.k, labelled[key], y).orientation:
         # the anchors and the user's labels disagree on the orientation: the user's rows win
         det = det.with_(orientation=-det.orientation)
     tau = choose_threshold(target, oof, y, data_scores(det, key) if target.kind == "remove_fraction" and data_scores else None)
