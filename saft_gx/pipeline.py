@@ -154,6 +154,16 @@ def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector:
     return np.concatenate(scores)
 
 
+def coords_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
+                  frame_rows: int = 4096) -> np.ndarray:
+    """(n, k) float32 coordinates of every row in ``detector``'s subspace, from the cache only (for adapting
+    the default probe to the data: 4·k bytes a row)."""
+    lc = cache.layer(layer)
+    out = [detector.project(lc.get([r.content_key() for r in rows_from_frame(df, spec, first)])).astype(np.float32)
+           for first, df in ds.frames(spec.columns, batch_rows=frame_rows)]
+    return np.concatenate(out)
+
+
 def _changed_while_scored(ds: Dataset, rows_now: int | str, rows_scored: int) -> SaftError:
     return SaftError(f"{ds.path}: changed while it was being scored ({rows_now} rows now, {rows_scored} before)")
 
@@ -243,6 +253,8 @@ class EmbedOptions:
     # the unsupervised fit is directed by the built-in anchors; the default layer and token follow the mode
     # (saft_gx.core.defaults: the anchored detector's with them, plain SAFT's without)
     anchors: bool = USE_ANCHORS
+    # with anchors, adapt their probe to the dataset by self-training (saft_gx.detect.adapt)
+    adapt: bool = defaults.ADAPT
 
 
 class Session:
@@ -259,6 +271,7 @@ class Session:
         self.config = EmbedConfig(layers=(r.layer,), token=r.token, max_tokens=r.max_tokens, overlong=r.overlong, **cfg_kwargs)
         self.embedder = Embedder(self.lm, self.config)
         self.anchors = opts.anchors
+        self.adapt = opts.adapt
         self.cache = EmbeddingCache(opts.cache_dir, model_fingerprint=self.lm.fingerprint, token=r.token,
                                     max_tokens=r.max_tokens, overlong=r.overlong, dim=self.lm.hidden_size)
 
@@ -322,7 +335,8 @@ def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int | None = None
     session's ``EmbedOptions.anchors``) is False (see ``anchors.fit_default``)."""
     anchors = session.anchors if anchors is None else anchors
     stats, summary = fit_stats(session, ds, spec, progress=progress)
-    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=session.detector_meta(ds, spec))
+    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=session.detector_meta(ds, spec),
+                           data_coords=lambda d: coords_cached(ds, spec, session.cache, d, session.layer))
     return det, summary
 
 
@@ -376,7 +390,7 @@ def shared_session(opts: EmbedOptions, detector: Detector | None = None) -> Sess
     meta = detector.meta if detector is not None else {}
     key = (opts.model or meta.get("model"), opts.layer or meta.get("layer"), opts.token or meta.get("token"),
            meta.get("max_tokens", opts.max_tokens), meta.get("overlong", opts.overlong), opts.device, opts.dtype,
-           opts.cache_dir, opts.batch_tokens, opts.anchors and detector is None)
+           opts.cache_dir, opts.batch_tokens, opts.anchors and detector is None, opts.adapt)
     if key not in _SESSIONS:
         _SESSIONS[key] = Session(opts, detector=detector)
     elif detector is not None:
@@ -420,7 +434,8 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
         meta = {"model": session.lm.model_ref, "model_fingerprint": session.lm.fingerprint, "layer": session.layer,
                 "token": session.config.token, "max_tokens": session.config.max_tokens,
                 "overlong": session.config.overlong, "columns": spec.to_dict()}
-        detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
+        detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
+                                    data_coords=lambda d: d.project(x))
     return detector.score(x), detector
 
 
@@ -447,7 +462,10 @@ def session_anchor_vectors(session: Session) -> np.ndarray:
 
 
 def fit_with_session(session: Session, stats: MomentStats, *, k: int | None = None, weighting: str | None = None,
-                     anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None) -> Detector:
-    """``anchors.fit_default`` with the anchors embedded like the data (``session_anchor_vectors``)."""
+                     anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None,
+                     data_coords: Callable[[Detector], np.ndarray] | None = None) -> Detector:
+    """``anchors.fit_default`` with the anchors embedded like the data (``session_anchor_vectors``), adapted to
+    the data through ``data_coords`` unless the session's options say ``adapt=False``."""
     return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                       anchor_vectors=lambda: session_anchor_vectors(session))
+                       anchor_vectors=lambda: session_anchor_vectors(session),
+                       data_coords=data_coords, adapt=session.adapt)

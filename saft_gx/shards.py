@@ -235,7 +235,7 @@ def merge_stats(folders: Sequence[str | os.PathLike[str]], *,
 
 def detector_from_stats(stats: MomentStats, metas: list[dict[str, Any]], *, k: int | None = None,
                         weighting: str | None = None, anchors: bool = True, anchor_vectors: np.ndarray | None = None,
-                        threshold: float | None = None) -> Detector:
+                        threshold: float | None = None, adapt: bool = False) -> Detector:
     """One detector from merged statistics, fitted as ``saft-gx fit`` fits one (``anchors.fit_default``);
     its metadata is the shared embedding plus where it came from."""
     from .detect.anchors import fit_default
@@ -251,5 +251,5 @@ def detector_from_stats(stats: MomentStats, metas: list[dict[str, Any]], *, k: i
     if anchors and anchor_vectors is None:
         raise SaftError("these statistics hold no anchor vectors (written by an older saft-gx?); pass --no-anchors")
     det = fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                      anchor_vectors=lambda: anchor_vectors)
+                      anchor_vectors=lambda: anchor_vectors, adapt=adapt)
     return det.with_(threshold=threshold) if threshold is not None else det

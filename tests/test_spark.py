@@ -16,7 +16,7 @@ if shutil.which("java") is None:
 from saft_gx.cli import cli  # noqa: E402
 
 pytestmark = pytest.mark.spark
-N = 40
+N = 240  # with ADAPT_MIN_ROWS lowered below it (the test): both engines adapt the probe to the rows, and must agree
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,10 @@ def spark():
     session.stop()
 
 
-def test_spark_engine_matches_local_engine(spark, tiny_model_dir, tmp_path):
+def test_spark_engine_matches_local_engine(spark, tiny_model_dir, tmp_path, monkeypatch):
+    from saft_gx.core import defaults
+
+    monkeypatch.setattr(defaults, "ADAPT_MIN_ROWS", 200)  # the driver fits: both engines adapt to these N rows
     rng = np.random.default_rng(2)
     words = np.array("alpha beta gamma delta river stone cloud paper music table window garden".split())
     df = pd.DataFrame({

@@ -42,6 +42,10 @@ fit_options = stack_options(
     click.option("--anchors/--no-anchors", default=USE_ANCHORS, show_default=True,
                  help="Fit the detector in the data's SAFT subspace with the built-in labelled anchors; "
                       "--no-anchors: plain unsupervised SAFT."),
+    click.option("--adapt/--no-adapt", default=defaults.ADAPT, show_default=True,
+                 help=f"With the anchors: adapt their probe to DATASET by self-training (its top "
+                      f"{defaults.ADAPT_TOP:.0%} and bottom {defaults.ADAPT_BOTTOM:.0%} taken as harmful / benign, "
+                      f"recalibrated on the anchors; datasets of {defaults.ADAPT_MIN_ROWS}+ rows)."),
 )
 
 
@@ -57,10 +61,10 @@ fit_options = stack_options(
 @fit_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | None, quiet: bool, k: int | None,
-        weighting: str | None, anchors: bool, **kw) -> None:
+        weighting: str | None, anchors: bool, adapt: bool, **kw) -> None:
     """Fit a SAFT detector on DATASET and save it, for scoring other files with --detector."""
     eopts, copts, rule = embed_opts(kw), column_opts(kw), threshold_rule(kw)
-    eopts.anchors = anchors  # the default layer / token follow the mode
+    eopts.anchors, eopts.adapt = anchors, adapt  # the default layer / token follow the mode
     if not output and not stats_out:
         raise SaftError("give -o/--output (the detector), --stats-out (statistics for merge-stats), or both")
     outputs.refuse_overlaps({"DATASET": dataset}, {"--output": output}, folders={"--output": DETECTOR_FILES})
@@ -86,7 +90,8 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
                    f"({summary.computed} embedded, {summary.rows - summary.computed} from cache)")
         if not output:
             return
-    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta)
+    det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
+                           data_coords=lambda d: pipeline.coords_cached(ds, spec, session.cache, d, session.layer))
     scores = pipeline.score_cached(ds, spec, session.cache, det, session.layer)
     if rule is None and det.threshold is not None:  # τ from the built-in anchors
         rule_text = det.meta.get("threshold_rule", "from the detector")
@@ -126,13 +131,14 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str | None, out: str | None,
           save_detector: str | None, shard: Shard | None, engine: str, spark_master: str | None,
-          spark_dir: str | None, quiet: bool, k: int | None, weighting: str | None, anchors: bool, **kw) -> None:
+          spark_dir: str | None, quiet: bool, k: int | None, weighting: str | None, anchors: bool, adapt: bool,
+          **kw) -> None:
     """Score every row of DATASET (parquet, jsonl or csv) and store harm_score / harm_flag in DuckDB.
 
     With --shard i/n only rows i·N/n .. (i+1)·N/n − 1 are scored (global row ids kept), and only that range of
     the detector's rows is replaced in DuckDB; pass the merged --detector so all shards score alike."""
     eopts, copts, rule = embed_opts(kw), column_opts(kw), threshold_rule(kw)
-    eopts.anchors = anchors  # the default layer / token follow the mode
+    eopts.anchors, eopts.adapt = anchors, adapt  # the default layer / token follow the mode
     if engine == "spark" and shard is not None:
         raise SaftError("--engine spark splits the dataset itself; drop --shard")
     if no_db and not out:

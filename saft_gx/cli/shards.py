@@ -16,15 +16,17 @@ from .score import fit_options
               help="τ to store in the detector. Without it each shard's `score` picks τ from its own rows.")
 @click.option("--partial", is_flag=True, help="Fit even when some shards of a dataset are missing.")
 def merge_stats_command(stats: tuple[str, ...], output: str, k: int | None, weighting: str | None, anchors: bool,
-                        threshold: float | None, partial: bool) -> None:
+                        adapt: bool, threshold: float | None, partial: bool) -> None:
     """Sum the statistics written by `saft-gx fit --shard i/n --stats-out DIR` and fit one detector, exactly
-    as `saft-gx fit` would on all their rows (no model needed: the anchors' vectors travel in the statistics).
+    as `saft-gx fit --no-adapt` would on all their rows (no model needed: the anchors' vectors travel in the
+    statistics). Adapting the probe to the data needs a pass over the rows, which merged statistics do not
+    allow: the merged detector is the anchors' probe as it is (recorded in its metadata).
 
     saft-gx merge-stats stats_0/ stats_1/ stats_2/ stats_3/ -o detector/
     """
     total, metas, anchor_vectors = merge_stats(stats, partial=partial)
     det = detector_from_stats(total, metas, k=k, weighting=weighting, anchors=anchors, anchor_vectors=anchor_vectors,
-                              threshold=threshold)
+                              threshold=threshold, adapt=adapt)
     det.save(output)
     click.echo(f"merged {len(metas)} statistics ({total.n} rows) at layer {det.meta.get('layer')}, "
                f"token {det.meta.get('token')}, k={det.k}, {det.meta.get('variant')}")

@@ -2,7 +2,7 @@
 
 Two detectors share the embedding machinery:
 - the default (``saft-gx score`` with the built-in anchors): a logistic probe inside the data's top-k SAFT
-  subspace at the prompt-end token, τ a probability;
+  subspace at the prompt-end token, adapted to the dataset by self-training, τ a probability;
 - plain SAFT (``--no-anchors``), the paper's unsupervised score: mean squared projection on the top-k directions
   of the last token's state.
 """
@@ -14,7 +14,15 @@ TOKEN = "prompt-end"
 LAYER_FRACTION = 18 / 30
 K = 32
 VARIANT = "probe"
-PROBABILITY_THRESHOLD = 0.9  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
+# adapting the anchors' probe to the dataset (saft_gx/detect/adapt.py), chosen on the benchmark's development half
+ADAPT = True
+ADAPT_TOP = 0.05  # the probe's most suspicious 5 % of the rows are taken as harmful ...
+ADAPT_BOTTOM = 0.8  # ... its least suspicious 80 % as benign
+ADAPT_ROUNDS = 2
+ADAPT_DATA_WEIGHT = 1.0  # the pseudo-labelled rows' total weight relative to the anchors'
+ADAPT_MIN_ROWS = 500  # below this, 5 % is under 25 rows, too few to teach the probe (on our own 390-row pools
+#                       adapting raised the clean rows flagged from 1.5 % to 3.5 %): the anchors' probe is kept
+PROBABILITY_THRESHOLD = 0.92  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
 
 # plain SAFT (--no-anchors): measured on our own rows with tests/bench/layer_sweep.py
 PLAIN_TOKEN = "last"

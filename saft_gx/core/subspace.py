@@ -161,12 +161,16 @@ class Detector:
             return self.singular_values / total if total > 0 else np.full(self.k, 1.0 / self.k)
         return np.full(self.k, 1.0 / self.k)
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """Harm scores of (n, d) vectors, float64; higher = more likely harmful."""
+    def project(self, x: np.ndarray) -> np.ndarray:
+        """(n, k) coordinates ⟨x − μ, v_j⟩ of (n, d) vectors in the subspace, float64."""
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise SaftError(f"embedding size {x.shape[-1]} does not match the detector's {self.dim}")
-        proj = (x - self.mean) @ self.components.T
+        return (x - self.mean) @ self.components.T
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Harm scores of (n, d) vectors, float64; higher = more likely harmful."""
+        proj = self.project(x)
         if self.form == "linear":
             z = self.orientation * (proj @ self._weights()) + self.intercept
             return np.exp(-np.logaddexp(0.0, -z)) if self.link == "logistic" else z

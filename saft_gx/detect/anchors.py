@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core import defaults
+from .adapt import adapt_probe
 from .calibrate import anchor_detector
 from ..core.errors import SaftError
 from ..embedding.rows import Row
@@ -58,13 +59,17 @@ _SQUARED = {"none": "saft", "sigma": "saft-sigma", "whiten": "saft-whiten"}
 
 def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | None = None, anchors: bool = USE_ANCHORS,
                 anchor_vectors: Callable[[], np.ndarray] | None = None, anchor_labels: np.ndarray | None = None,
-                meta: dict[str, Any] | None = None) -> Detector:
+                meta: dict[str, Any] | None = None,
+                data_coords: Callable[[Detector], np.ndarray] | None = None, adapt: bool = defaults.ADAPT) -> Detector:
     """The detector ``saft-gx score`` fits on an unlabelled dataset.
 
     With anchors (the default): the ``probe`` variant in the data's top-k subspace, τ a probability — or the
     squared SAFT score with ``weighting``, oriented by the anchors, when a weighting is named.
     ``anchor_vectors()`` returns the anchors' embeddings at the same model, layer and token position;
     ``anchor_labels`` their labels (default: the built-in anchors').
+    ``data_coords(det)`` returns the dataset's (n, k) coordinates in ``det``'s subspace (one more pass over the
+    rows); with it and ``adapt``, the probe is adapted to the data (``adapt.adapt_probe``) when the data has at
+    least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not.
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
     meta = dict(meta or {})
@@ -77,5 +82,13 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     variant = defaults.VARIANT if weighting is None else _SQUARED[weighting]
     base = Detector.fit(stats, k=kk, meta=meta)
     y = anchor_rows()[1] if anchor_labels is None else np.asarray(anchor_labels)
-    return anchor_detector(base, anchor_vectors(), y, variant=variant, k=kk,
-                           probability_threshold=defaults.PROBABILITY_THRESHOLD)
+    xa = anchor_vectors()
+    det = anchor_detector(base, xa, y, variant=variant, k=kk, probability_threshold=defaults.PROBABILITY_THRESHOLD)
+    why_not = (None if variant == "probe" and adapt and data_coords is not None and stats.n >= defaults.ADAPT_MIN_ROWS
+               else "not asked" if not adapt
+               else f"variant {variant}" if variant != "probe"
+               else "fitted from statistics alone, without a pass over the rows" if data_coords is None
+               else f"{stats.n} rows, fewer than {defaults.ADAPT_MIN_ROWS}")
+    if why_not is not None:
+        return det.with_(meta={**det.meta, "adapted": False, "adapted_why_not": why_not})
+    return adapt_probe(det, data_coords(det), det.project(xa), y)

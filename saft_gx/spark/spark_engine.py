@@ -177,6 +177,25 @@ def score_fn(detector: Detector):
     return score
 
 
+def coords_fn(detector: Detector):
+    def coords(frames: Iterator[Any]) -> Iterator[Any]:
+        import pandas as pd
+
+        for df in frames:
+            if len(df):
+                c = detector.project(_vectors(df, detector.dim)).astype(np.float32)
+                yield pd.DataFrame({"row_id": df["row_id"], "coords": [r.tobytes() for r in c]})
+
+    return coords
+
+
+def collect_coords(emb: Any, detector: Detector) -> np.ndarray:
+    """(n, k) float32 coordinates of every row in ``detector``'s subspace, in row order, on the driver
+    (4·k bytes a row: what adapting the default probe to the data needs)."""
+    got = emb.mapInPandas(coords_fn(detector), "row_id long, coords binary").toPandas().sort_values("row_id")
+    return np.frombuffer(b"".join(got["coords"]), dtype=np.float32).reshape(len(got), detector.k)
+
+
 def _vectors(df: Any, dim: int) -> np.ndarray:
     """float32 (n, d) from the float16 bytes column, exactly as the local cache hands them out."""
     return np.frombuffer(b"".join(df["emb"]), dtype=np.float16).reshape(len(df), dim).astype(np.float32)
@@ -303,7 +322,8 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
                         "token": ropts.token, "max_tokens": ropts.max_tokens, "overlong": ropts.overlong,
                         "fitted_on": ds.path.name, "columns": spec.to_dict(), "engine": "spark"}
                 detector = fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                                       anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim))
+                                       anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim),
+                                       data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt)
             scores = emb.mapInPandas(score_fn(detector), "row_id long, text_sha256 string, harm_score double").cache()
             rows = scores.count()
             if rows != n:

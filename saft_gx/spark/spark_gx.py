@@ -35,8 +35,8 @@ from ..gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold
                          embed_options, load_detector, threshold_rule)
 from ..pipeline import EmbedOptions
 from ..embedding.rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
-from .spark_engine import (anchor_vectors, embed_fn, executor_session, score_fn, stats_tree_aggregate, worker_errors,
-                           describe_model, resolve_options)
+from .spark_engine import (anchor_vectors, collect_coords, embed_fn, executor_session, score_fn, stats_tree_aggregate,
+                           worker_errors, describe_model, resolve_options)
 from ..core.subspace import Detector
 
 
@@ -88,7 +88,8 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
                         "columns": spec.to_dict()}
                 det = fit_default(stats_tree_aggregate(emb, lm.hidden_size), k=int(kw["k"]) if kw.get("k") else None,
                                   anchors=USE_ANCHORS, meta=meta,
-                                  anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, lm.hidden_size))
+                                  anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, lm.hidden_size),
+                                  data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt)
             scored = emb.mapInPandas(score_fn(det), "row_id long, text_sha256 string, harm_score double") \
                 .select("row_id", "harm_score").toPandas().sort_values("row_id")
         finally:

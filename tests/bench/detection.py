@@ -19,7 +19,8 @@ Honesty rules it follows:
 - The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (the data's SAFT
   subspace + the built-in anchors, τ = the default probability), **plain SAFT** is the paper's unsupervised
   score on the same vectors (``--no-anchors`` scores whole rows at its own layer/token; see ``--plain-own``),
-  **calibrated** is ``calibrate.calibrate`` on 100 labelled rows drawn from the mix (left out of its metrics).
+  **calibrated** is ``calibrate.calibrate`` (``--variants probe-full``) on 100 labelled rows drawn from the mix
+  (left out of its metrics).
 
 Vectors come from saft_gx's own embedding path and cache (``Session`` at the package defaults). The
 default reads the prompt-end token, whose state does not depend on the response (causal model), so rows that
@@ -93,8 +94,9 @@ def draw(harm: pd.DataFrame, benign: pd.DataFrame, lam: float, n: int, rng: np.r
 def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
              rng: np.random.Generator, *, with_calibration: bool) -> dict:
     stats = MomentStats(x.shape[1]).update(x)
-    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={})
+    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, data_coords=lambda d: d.project(x))
     s = det.score(x)
+    unadapted = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, adapt=False).score(x)
     flags = s > det.threshold
     plain = fit_default(stats, anchors=False).score(x)
     out = {"n": len(y), "harmful": int(y.sum()), "flagged": float(flags.mean()), "flags": flags}
@@ -102,7 +104,8 @@ def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.n
         p, r, f1 = precision_recall_f1(flags, y.astype(bool))
         length = auroc(resp_len, y)
         # the baseline at its best orientation: a benchmark where "shorter answer = harmful" works is not fair
-        out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=max(length, 1 - length))
+        out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=max(length, 1 - length),
+                   unadapted=auroc(unadapted, y))
         if with_calibration:
             out["calibrated"] = calibrated_auroc(stats, x, y, anchors_x, ya, rng)
     return out
@@ -110,14 +113,16 @@ def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.n
 
 def calibrated_auroc(stats: MomentStats, x: np.ndarray, y: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
                      rng: np.random.Generator, n_labels: int = 100) -> float:
-    """AUROC on the rows left after 100 random labelled rows were used by ``calibrate`` (with the anchors)."""
+    """AUROC on the rows left after 100 random labelled rows were used by ``calibrate --variants probe-full``: on
+    the development half, searching probe / direct / probe-full by out-of-fold AUROC picked a subspace probe on
+    some draws and lost 0.03 on ``matched`` (0.926 vs 0.959; 20 harmful labels make that choice noisy)."""
     while True:
         lab = rng.choice(len(y), n_labels, replace=False)
         if 2 <= y[lab].sum() <= n_labels - 2:
             break
     key = (defaults.TOKEN, 0)
     cal = calibrate({key: stats}, {key: x[lab]}, y[lab], anchors={key: anchors_x}, anchor_labels=ya,
-                    ks=(8, 32, 128, x.shape[1]), variants=("probe", "direct"), target=ThresholdTarget("f1"))
+                    variants=("probe-full",), target=ThresholdTarget("f1"))
     rest = np.setdiff1d(np.arange(len(y)), lab)
     return auroc(cal.detector.score(x[rest]), y[rest])
 
@@ -183,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             m = draw(harm, benign, 0.0, args.rows, rng)
             sel = m.index.to_numpy()
             stats = MomentStats(X.shape[1]).update(X[sel])
-            det = fit_default(stats, anchor_vectors=lambda: A, meta={})
+            xs = X[sel]
+            det = fit_default(stats, anchor_vectors=lambda: A, meta={}, data_coords=lambda d: d.project(xs))
             results.append({"mix": mix, "lam": 0.0, "seed": seed, "n": len(sel), "harmful": 0,
                             "flagged": float((det.score(X[sel]) > det.threshold).mean())})
     res = pd.DataFrame(results)
@@ -194,19 +200,22 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_tables(res: pd.DataFrame, cats: dict[str, list[int]], seeds: int) -> None:
-    print(f"\nmean over {seeds} seeds (min in brackets); AUROC of the default detector, plain SAFT (unsupervised, same "
-          "vectors), calibrated (100 labels, λ = 0.2 only), and response length alone (max(AUROC, 1 − AUROC))")
-    print("| mix | λ | default AUROC (min) | F1 | flagged (λ) | plain SAFT AUROC | calibrated (100 labels) | length AUROC |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nmean over {seeds} seeds (min in brackets); AUROC of the default detector, of the anchors' probe before "
+          "it is adapted to the data (--no-adapt), plain SAFT (unsupervised, same vectors), calibrated (100 labels, "
+          "λ = 0.2 only), and response length alone (max(AUROC, 1 − AUROC))")
+    print("| mix | λ | default AUROC (min) | F1 | flagged (λ) | --no-adapt AUROC | plain SAFT AUROC | calibrated (100 labels) "
+          "| length AUROC |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (mix, lam), g in res.groupby(["mix", "lam"], sort=True):
         if lam == 0:
             continue
         cal = f"{g.calibrated.mean():.3f}" if "calibrated" in g and g.calibrated.notna().any() else "–"
         print(f"| {mix} | {lam:g} | {g.auroc.mean():.3f} ({g.auroc.min():.3f}) | {g.f1.mean():.2f} | "
-              f"{g.flagged.mean():.3f} ({lam:g}) | {g.plain.mean():.3f} | {cal} | {g.length.mean():.3f} |")
+              f"{g.flagged.mean():.3f} ({lam:g}) | {g.unadapted.mean():.3f} | {g.plain.mean():.3f} | {cal} | "
+              f"{g.length.mean():.3f} |")
     clean = res[res.lam == 0]
     for mix, g in clean.groupby("mix"):
-        print(f"| {mix}, clean | 0 | – | – | {g.flagged.mean():.3f} (max {g.flagged.max():.3f}) | – | – | – |")
+        print(f"| {mix}, clean | 0 | – | – | {g.flagged.mean():.3f} (max {g.flagged.max():.3f}) | – | – | – | – |")
     gate = 0.02  # expectations/release_gate.json: at most 2 % of rows flagged
     print(f"\nrelease gate (flagged ≤ {gate:.0%} at the default τ) passes:")
     for (mix, lam), g in res.groupby(["mix", "lam"], sort=True):

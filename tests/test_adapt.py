@@ -1,0 +1,108 @@
+"""Adapting the anchors' probe to the dataset (saft_gx/detect/adapt.py): self-training, then Platt scaling on
+the anchors. Synthetic vectors whose harmful rows lie along a direction the anchors only half show."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from saft_gx import MomentStats, SaftError
+from saft_gx.core import defaults
+from saft_gx.core.metrics import auroc
+from saft_gx.detect.adapt import adapt_probe
+from saft_gx.detect.anchors import fit_default
+
+
+def _shifted(seed, n=1000, lam=0.1):
+    """Data: harm shifts dims 0 and 1 (mostly 1). Anchors: harm shifts dim 0 only — written by others, they
+    show the harm from a different angle than the data does."""
+    rng = np.random.default_rng(seed)
+    scale = np.r_[np.full(8, 1.0), np.full(8, 0.3)]
+    y = (rng.random(n) < lam).astype(int)
+    x = rng.normal(size=(n, 16)) * scale
+    x[y == 1, 0] += 1.5
+    x[y == 1, 1] += 3.0
+    ya = np.r_[np.ones(200), np.zeros(200)].astype(int)
+    xa = rng.normal(size=(400, 16)) * scale
+    xa[ya == 1, 0] += 3.0
+    return x, y, xa, ya
+
+
+def _fit(x, xa, ya, **kw):
+    return fit_default(MomentStats(16).update(x), k=8, anchor_vectors=lambda: xa, anchor_labels=ya, **kw)
+
+
+def test_adapting_to_the_data_ranks_its_harmful_rows_better_and_keeps_tau_a_probability():
+    gains, clean_flagged = [], []
+    for seed in range(3):
+        x, y, xa, ya = _shifted(seed)
+        before = _fit(x, xa, ya, adapt=False)
+        after = _fit(x, xa, ya, data_coords=lambda d: d.project(x))
+        assert before.meta["adapted"] is False and before.meta["adapted_why_not"] == "not asked"
+        assert after.meta["adapted"]["rows"] == 1000 and after.meta["adapted"]["top"] == defaults.ADAPT_TOP
+        assert after.k == before.k and np.allclose(after.components, before.components)  # same subspace, new weights
+        assert after.threshold == defaults.PROBABILITY_THRESHOLD and after.link == "logistic"
+        gains.append(auroc(after.score(x), y) - auroc(before.score(x), y))
+        xc, _, _, _ = _shifted(seed + 10, lam=0.0)
+        clean = _fit(xc, xa, ya, data_coords=lambda d: d.project(xc))
+        clean_flagged.append(clean.flag(clean.score(xc)).mean())
+    assert min(gains) > 0.005 and np.mean(gains) > 0.015  # measured: +0.030, +0.026, +0.011
+    # a clean set's own top 5 % were taught as harmful, yet the anchors' Platt scaling keeps them below τ
+    assert max(clean_flagged) < 0.04
+
+
+def test_small_datasets_and_other_variants_keep_the_anchors_probe():
+    x, y, xa, ya = _shifted(0, n=defaults.ADAPT_MIN_ROWS - 1)
+    det = _fit(x, xa, ya, data_coords=lambda d: d.project(x))
+    assert det.meta["adapted"] is False and f"fewer than {defaults.ADAPT_MIN_ROWS}" in det.meta["adapted_why_not"]
+    sq = _fit(x, xa, ya, weighting="whiten", data_coords=lambda d: d.project(x))
+    assert sq.meta["adapted"] is False and "variant saft-whiten" in sq.meta["adapted_why_not"]
+    merged = _fit(x, xa, ya)  # statistics alone (merge-stats): no pass over the rows to adapt with
+    assert merged.meta["adapted"] is False and "statistics alone" in merged.meta["adapted_why_not"]
+    with pytest.raises(SaftError, match="only a logistic probe"):
+        adapt_probe(sq, sq.project(x), sq.project(xa), ya)
+    probe = _fit(x, xa, ya, adapt=False)
+    with pytest.raises(SaftError, match="coordinates"):
+        adapt_probe(probe, x, probe.project(xa), ya)
+
+
+def test_adapt_is_deterministic_and_uses_the_top_and_bottom_of_the_ranking(monkeypatch):
+    x, y, xa, ya = _shifted(1)
+    a = _fit(x, xa, ya, data_coords=lambda d: d.project(x))
+    b = _fit(x, xa, ya, data_coords=lambda d: d.project(x))
+    assert a.detector_id == b.detector_id
+    # the middle of the ranking never teaches the probe: moving those rows does not change the result
+    probe = _fit(x, xa, ya, adapt=False)
+    d = probe.project(x)
+    s = d @ probe.coef + probe.intercept
+    order = np.argsort(s, kind="stable")
+    one = adapt_probe(probe, d, probe.project(xa), ya, rounds=1)
+    mid = order[int(0.8 * len(d)) + 5]
+    d2 = d.copy()
+    d2[mid] = d[order[int(0.8 * len(d)) + 10]] * 1.0001  # another middle row's place, still in the middle
+    assert np.allclose(adapt_probe(probe, d2, probe.project(xa), ya, rounds=1).coef, one.coef)
+    d3 = d.copy()
+    d3[order[-1]] = d[order[0]]  # the most suspicious row replaced by the least: the harmful pseudo-set changes
+    assert not np.allclose(adapt_probe(probe, d3, probe.project(xa), ya, rounds=1).coef, one.coef)
+
+
+def test_score_cli_adapts_by_default_and_no_adapt_turns_it_off(tiny_model_dir, tmp_path):
+    from saft_gx.cli import cli
+
+    rng = np.random.default_rng(0)
+    words = "river stone cloud paper music table window garden lamp chair".split()
+    n = defaults.ADAPT_MIN_ROWS + 40
+    df = pd.DataFrame({"prompt": [" ".join(rng.choice(words, 3 + i % 5)) + f" {i}" for i in range(n)],
+                       "response": [" ".join(rng.choice(words, 4)) for _ in range(n)]})
+    data = tmp_path / "rows.parquet"
+    df.to_parquet(data)
+    common = ["fit", str(data), "--model", str(tiny_model_dir), "--layer", "2", "--cache-dir", str(tmp_path / "c")]
+    r = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "d1")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "d0"), "--no-adapt"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    import json
+
+    m1 = json.loads((tmp_path / "d1" / "detector.json").read_text())
+    m0 = json.loads((tmp_path / "d0" / "detector.json").read_text())
+    assert m1["adapted"]["rows"] == n and m0["adapted"] is False and m0["adapted_why_not"] == "not asked"
