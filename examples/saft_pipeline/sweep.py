@@ -201,6 +201,10 @@ def main() -> None:
         lines.append(f"| {name} | {len(rs)} | {int(np.mean([r['steps'] for r in rs.values()]))} | "
                      f"{np.mean([r['refusal_margin'] for r in rs.values()]):+.4f} | {gain(name, 'sft')} | "
                      f"{gain(name, 'random')} | {loss:.4f} | {rel} | {probe} |")
+    combined = [name for name, _d, _o in arms if name.startswith("saft+sap")]
+    for name in combined:  # does SAP add anything once SAFT has filtered? (same kept rows, same seeds)
+        if per_seed("saft") and per_seed(name):
+            lines.append(f"\n{name} vs saft (filtering alone), 95 % CI: {gain(name, 'saft')}")
     md = "\n".join(lines)
     (sweep / "table.md").write_text(md + "\n")
     print()
