@@ -106,3 +106,16 @@ def test_score_cli_adapts_by_default_and_no_adapt_turns_it_off(tiny_model_dir, t
     m1 = json.loads((tmp_path / "d1" / "detector.json").read_text())
     m0 = json.loads((tmp_path / "d0" / "detector.json").read_text())
     assert m1["adapted"]["rows"] == n and m0["adapted"] is False and m0["adapted_why_not"] == "not asked"
+
+
+def test_large_datasets_fit_on_an_even_spread_of_each_pseudo_class(monkeypatch):
+    import saft_gx.detect.adapt as adapt
+
+    x, y, xa, ya = _shifted(2, n=4000)
+    probe = _fit(x, xa, ya, adapt=False)
+    full = adapt_probe(probe, probe.project(x), probe.project(xa), ya)
+    monkeypatch.setattr(adapt, "MAX_CELL_ROWS", 100)  # 3,200 benign and 200 harmful pseudo-rows → 100 each
+    capped = adapt_probe(probe, probe.project(x).astype(np.float32), probe.project(xa), ya)
+    assert not np.allclose(capped.coef, full.coef)  # the cap is in effect ...
+    assert abs(auroc(capped.score(x), y) - auroc(full.score(x), y)) < 0.02  # ... and ranks about as well
+    assert adapt.spread_rows(np.arange(10), 4).tolist() == [0, 3, 6, 9]

@@ -24,6 +24,8 @@ from ..core.subspace import Detector
 from .calibrate import PROBE_C, balanced_weights
 
 PLATT_C = 1e4  # Platt scaling fits two numbers on thousands of anchors: essentially unpenalised
+MAX_CELL_ROWS = 20_000  # pseudo-labelled rows per class kept for the fit (evenly over their ranks): a k-dim
+# logistic fit needs no more, and a million-row dataset then costs ~2 × 20,000 rows of memory, not 850,000
 
 
 def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarray, anchor_labels: np.ndarray, *,
@@ -37,7 +39,7 @@ def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarra
     Returns a detector of the same subspace with new weights; ``meta["adapted"]`` records the settings."""
     if det.form != "linear" or det.link != "logistic":
         raise SaftError("only a logistic probe (the default detector) can be adapted to the data")
-    d = np.asarray(data_coords, dtype=np.float64)
+    d = np.asarray(data_coords)  # float32 from the pipeline; rows are converted only where they are used
     a = np.asarray(anchor_coords, dtype=np.float64)
     ya = np.asarray(anchor_labels).astype(np.int8)
     if d.ndim != 2 or a.ndim != 2 or d.shape[1] != det.k or a.shape[1] != det.k or len(a) != len(ya):
@@ -52,10 +54,10 @@ def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarra
     b = float(det.intercept)
     for _ in range(rounds):
         order = np.argsort(d @ w + b, kind="stable")
-        hi, lo = order[n - n_top:], order[:n_bottom]
-        x = np.vstack([a, d[hi], d[lo]])
-        y = np.r_[ya, np.ones(n_top, dtype=np.int8), np.zeros(n_bottom, dtype=np.int8)]
-        groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(n_top + n_bottom, dtype=np.int64)]
+        hi, lo = spread_rows(order[n - n_top:]), spread_rows(order[:n_bottom])
+        x = np.vstack([a, d[hi], d[lo]]).astype(np.float64)
+        y = np.r_[ya, np.ones(len(hi), dtype=np.int8), np.zeros(len(lo), dtype=np.int8)]
+        groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(len(hi) + len(lo), dtype=np.int64)]
         w_rows = balanced_weights(y, groups)
         w_rows[groups == 1] *= data_weight
         fit = fit_logistic(x, y, c=c, sample_weight=w_rows)
@@ -67,3 +69,12 @@ def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarra
         raise SaftError("adapt: the self-trained probe ranks the anchors backwards; score with --no-adapt")
     return det.with_(coef=slope * w, intercept=slope * b + platt.intercept, orientation=1, meta={
         **det.meta, "adapted": {"top": top, "bottom": bottom, "rounds": rounds, "rows": n, "platt_slope": round(slope, 4)}})
+
+
+def spread_rows(idx: np.ndarray, most: int | None = None) -> np.ndarray:
+    """At most ``most`` (default ``MAX_CELL_ROWS``) of ``idx`` (rows in rank order), evenly spaced over the
+    ranks: deterministic."""
+    most = MAX_CELL_ROWS if most is None else most
+    if len(idx) <= most:
+        return idx
+    return idx[np.linspace(0, len(idx) - 1, most).round().astype(np.int64)]
