@@ -5,7 +5,7 @@ The folders are the layers, and imports run one way, down this list (``tests/tes
 expectations and the release gate), ``spark/`` (the Spark engine and Spark metrics), ``train/`` (filtered
 splits, LoRA fine-tune with SAP, model evaluation) → the pipeline at the top level: ``pipeline.py`` (streams a
 file through embedding, detection and storage), ``shards.py`` (sharded runs), ``labelled.py`` (labelled rows
-for calibration), ``report.py`` → ``detect/`` (choosing a detector: anchors, calibration search; pure
+for calibration), ``report.py`` → ``detect/`` (choosing a detector: anchors, adaptation, calibration search; pure
 functions over vectors and labels) → ``embedding/`` (model loading, row formatting, hidden states) and
 ``io/`` (dataset readers, embedding cache, DuckDB store, audit files) → ``core/`` (streaming statistics and
 ``Detector``, thresholds, metrics, the probe, the audit bound, errors, defaults and atomic file writes;

@@ -33,7 +33,7 @@ log-normal and capped (these common words are ~1 token each with SmolLM2's token
     response  median 300 words, sigma 0.7, cap 1,500: ~290 tokens median, 90th percentile ~740, ~4 % of
               rows past 1,024 tokens (up to ~1,500).
 
-    # CPU, default model (SmolLM2-135M-Instruct) at the default detector's token and layer (prompt-end, 20 of 30):
+    # CPU, default model (SmolLM2-135M-Instruct) at the default detector's token and layer (prompt-end, 18 of 30):
     python tests/bench/throughput.py --rows 120
     # real rows (a local chat dataset with prompt/response columns):
     python tests/bench/throughput.py --rows 120 --data chat.parquet
