@@ -7,7 +7,7 @@ Arms (each fine-tuned once per seed, LoRA r = 8 on q/v, the settings of `run.py`
 - ``random``: the contaminated set with as many rows as SAFT removed dropped at random (the control);
 - ``saft``: the SAFT-filtered set, plain SFT;
 - ``sap[<setting>]``: SAP on the contaminated set, one arm per ``--sap`` setting;
-- ``saft+sap[<setting>]``: SAP on the SAFT-filtered set, with the first ``--sap`` setting.
+- ``saft+sap[<setting>]``: SAP on the SAFT-filtered set, one arm per ``--sap`` setting.
 
 Evaluation, on the held-out half of the safety triples (SAP trains on the other half) and the held-out
 benign rows: the per-token refusal-vs-harmful margin of each triple, and the benign loss. *gain vs sft* is
@@ -125,7 +125,7 @@ def main() -> None:
     if "sap" in kinds:
         arms += [(f"sap[{s}]", "contaminated", {"method": "sap", **parse_setting(s)}) for s in settings]
     if "saft+sap" in kinds:
-        arms.append((f"saft+sap[{settings[0]}]", "saft_kept", {"method": "sap", **parse_setting(settings[0])}))
+        arms += [(f"saft+sap[{s}]", "saft_kept", {"method": "sap", **parse_setting(s)}) for s in settings]
 
     sweep = work / "sweep"
     sweep.mkdir(exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from ..core.errors import SaftError
+from ..train.sap import DEFAULT_PROBE_LR
 from .options import stack_options, column_options, column_opts, threshold_options, threshold_rule
 
 def _int_list(value: str | None) -> tuple[int, ...] | None:
@@ -55,7 +56,7 @@ finetune_options = stack_options(
                  help="SAP: jsonl/parquet/csv of prompt, refusal, harmful_answer. Default: the shipped set."),
     click.option("--sap-rho", type=float, default=2e-5, show_default=True,
                  help="SAP: size of the harmful weight shift, relative to the LoRA weights' norm."),
-    click.option("--sap-probe-lr", type=float, default=0.05, show_default=True, help="SAP: the probe's Adam step size."),
+    click.option("--sap-probe-lr", type=float, default=DEFAULT_PROBE_LR, show_default=True, help="SAP: the probe's Adam step size."),
     click.option("--sap-layers", help="SAP: probe layers, e.g. 3-8 (default ≈ 3/32–9/32 of the depth)."),
     click.option("--sap-batch-size", type=int, default=4, show_default=True, help="SAP: safety triples per step."),
     click.option("--sap-probe-steps", type=int, default=1, show_default=True,

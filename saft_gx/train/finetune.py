@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .adapter import ADAPTER_META, load_adapter
+from .sap import DEFAULT_PROBE_LR
 from ..core.errors import SaftError
 # re-exported: these lived here before lm_data.py; callers may import them from saft_gx.train.finetune
 from .lm_data import (IGNORE, EncodedData, Example, collate, encode_row, load_examples, prompt_text,  # noqa: F401
@@ -81,7 +82,7 @@ class FinetuneConfig:
     # SAP only (ignored by sft); defaults are the paper's (reference setup: Llama-2-7B, layers 3-9 of 32)
     safety_set: str | None = None  # None: the shipped set, saft_gx/data/safety_triples.jsonl
     sap_rho: float = 2e-5
-    sap_probe_lr: float = 0.05
+    sap_probe_lr: float = DEFAULT_PROBE_LR
     sap_layers: tuple[int, ...] | None = None  # None: layers ≈ 3/32 … 9/32 of the depth
     sap_batch_size: int = 4
     sap_probe_steps: int = 1  # Adam steps on the (reset) probe before each optimiser step

@@ -43,6 +43,10 @@ from ..embedding.rows import Row
 
 TRIPLE_COLUMNS = ("prompt", "refusal", "harmful_answer")
 SHIPPED_SAFETY_SET = Path(__file__).parents[1] / "data" / "safety_triples.jsonl"
+# the probe's Adam step size: in examples/saft_pipeline/sweep.py (1 epoch, 2 seeds) 0.1 was the one setting
+# above both plain SFT and the random-removal control with benign loss within 2 % (0.05: not above the control;
+# 0.2 on layers 3-15: far above, but +4.9 % benign loss)
+DEFAULT_PROBE_LR = 0.1
 
 
 def default_probe_layers(num_layers: int) -> tuple[int, ...]:
@@ -110,7 +114,7 @@ class SAP:
     the LoRA weights)."""
 
     def __init__(self, model: Any, tokenizer: Any, triples: Sequence[tuple[str, str, str]], *,
-                 layers: Sequence[int] | None = None, rho: float = 2e-5, probe_lr: float = 0.05,
+                 layers: Sequence[int] | None = None, rho: float = 2e-5, probe_lr: float = DEFAULT_PROBE_LR,
                  batch_size: int = 4, max_length: int = 512, probe_steps: int = 1, per_token: bool = True,
                  seed: int = 0):
         import torch
