@@ -38,7 +38,7 @@ def test_adapting_to_the_data_ranks_its_harmful_rows_better_and_keeps_tau_a_prob
         x, y, xa, ya = _shifted(seed)
         before = _fit(x, xa, ya, adapt=False)
         after = _fit(x, xa, ya, data_coords=lambda d: d.project(x))
-        assert before.meta["adapted"] is False and before.meta["adapted_why_not"] == "not asked"
+        assert before.meta["adapted"] is False and before.meta["adapted_why_not"] == "--no-adapt"
         assert after.meta["adapted"]["rows"] == 1000 and after.meta["adapted"]["top"] == defaults.ADAPT_TOP
         assert after.k == before.k and np.allclose(after.components, before.components)  # same subspace, new weights
         assert after.threshold == defaults.PROBABILITY_THRESHOLD and after.link == "logistic"
@@ -99,13 +99,15 @@ def test_score_cli_adapts_by_default_and_no_adapt_turns_it_off(tiny_model_dir, t
     common = ["fit", str(data), "--model", str(tiny_model_dir), "--layer", "2", "--cache-dir", str(tmp_path / "c")]
     r = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "d1")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert f"probe (built-in anchors, adapted to {n} rows)" in r.output
     r = CliRunner().invoke(cli, [*common, "-o", str(tmp_path / "d0"), "--no-adapt"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
+    assert "probe (built-in anchors; not adapted: --no-adapt)" in r.output
     import json
 
     m1 = json.loads((tmp_path / "d1" / "detector.json").read_text())
     m0 = json.loads((tmp_path / "d0" / "detector.json").read_text())
-    assert m1["adapted"]["rows"] == n and m0["adapted"] is False and m0["adapted_why_not"] == "not asked"
+    assert m1["adapted"]["rows"] == n and m0["adapted"] is False and m0["adapted_why_not"] == "--no-adapt"
 
 
 def test_large_datasets_fit_on_an_even_spread_of_each_pseudo_class(monkeypatch):

@@ -49,6 +49,17 @@ fit_options = stack_options(
 )
 
 
+def anchors_phrase(meta: dict) -> str:
+    """`` (built-in anchors, adapted to 600 rows)`` / `` (built-in anchors; not adapted: <why>)`` / ``""``."""
+    if not meta.get("anchors"):
+        return ""
+    adapted = meta.get("adapted")
+    if isinstance(adapted, dict):
+        return f" (built-in anchors, adapted to {adapted.get('rows')} rows)"
+    why = meta.get("adapted_why_not")
+    return f" (built-in anchors; not adapted: {why})" if why else " (built-in anchors)"
+
+
 @click.command()
 @click.argument("dataset", type=click.Path())
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), help="Folder to write the detector into.")
@@ -104,7 +115,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
     click.echo(
         f"fitted on {summary.rows} rows ({summary.computed} embedded, {summary.rows - summary.computed} from cache) "
         f"at layer {session.layer}, token {session.config.token}, k={det.k}, {det.meta.get('variant')}"
-        f"{' (built-in anchors)' if anchors else ''}; τ = {det.threshold:.6g} ({rule_text})"
+        f"{anchors_phrase(det.meta)}; τ = {det.threshold:.6g} ({rule_text})"
     )
     click.echo(f"detector {det.detector_id} written to {output}")
 
@@ -199,7 +210,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     truncation_notice(e.truncated, meta)
     click.echo(
         f"layer {meta.get('layer')}, token {meta.get('token')}, k={result.detector.k}"
-        f"{', ' + meta['variant'] if meta.get('variant') else ''}{' (built-in anchors)' if meta.get('anchors') else ''}; "
+        f"{', ' + meta['variant'] if meta.get('variant') else ''}{anchors_phrase(meta)}; "
         f"τ = {result.threshold:.6g} ({result.threshold_rule}); flagged {result.flagged} "
         f"({result.flagged / result.rows:.1%})"
     )

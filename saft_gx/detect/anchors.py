@@ -85,7 +85,7 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     xa = anchor_vectors()
     det = anchor_detector(base, xa, y, variant=variant, k=kk, probability_threshold=defaults.PROBABILITY_THRESHOLD)
     why_not = (None if variant == "probe" and adapt and data_coords is not None and stats.n >= defaults.ADAPT_MIN_ROWS
-               else "not asked" if not adapt
+               else "--no-adapt" if not adapt
                else f"variant {variant}" if variant != "probe"
                else "fitted from statistics alone, without a pass over the rows" if data_coords is None
                else f"{stats.n} rows, fewer than {defaults.ADAPT_MIN_ROWS}")
