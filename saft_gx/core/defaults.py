@@ -19,7 +19,6 @@ ADAPT = True
 ADAPT_TOP = 0.05  # the probe's most suspicious 5 % of the rows are taken as harmful ...
 ADAPT_BOTTOM = 0.8  # ... its least suspicious 80 % as benign
 ADAPT_ROUNDS = 2
-ADAPT_DATA_WEIGHT = 1.0  # the pseudo-labelled rows' total weight relative to the anchors'
 ADAPT_MIN_ROWS = 500  # below this, 5 % is under 25 rows, too few to teach the probe (on our own 390-row pools
 #                       adapting raised the clean rows flagged from 1.5 % to 3.5 %): the anchors' probe is kept
 PROBABILITY_THRESHOLD = 0.92  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)

@@ -30,8 +30,7 @@ MAX_CELL_ROWS = 20_000  # pseudo-labelled rows per class kept for the fit (evenl
 
 def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarray, anchor_labels: np.ndarray, *,
                 top: float = defaults.ADAPT_TOP, bottom: float = defaults.ADAPT_BOTTOM,
-                rounds: int = defaults.ADAPT_ROUNDS, c: float = PROBE_C,
-                data_weight: float = defaults.ADAPT_DATA_WEIGHT) -> Detector:
+                rounds: int = defaults.ADAPT_ROUNDS, c: float = PROBE_C) -> Detector:
     """The logistic probe ``det`` (form ``linear``, link ``logistic``) refitted by self-training on the data.
 
     data_coords: (n, k) coordinates of the dataset's rows in ``det``'s subspace (``det.project``).
@@ -58,9 +57,7 @@ def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarra
         x = np.vstack([a, d[hi], d[lo]]).astype(np.float64)
         y = np.r_[ya, np.ones(len(hi), dtype=np.int8), np.zeros(len(lo), dtype=np.int8)]
         groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(len(hi) + len(lo), dtype=np.int64)]
-        w_rows = balanced_weights(y, groups)
-        w_rows[groups == 1] *= data_weight
-        fit = fit_logistic(x, y, c=c, sample_weight=w_rows)
+        fit = fit_logistic(x, y, c=c, sample_weight=balanced_weights(y, groups))
         w, b = fit.coef, fit.intercept
     anchor_logit = a @ w + b
     platt = fit_logistic(anchor_logit[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
