@@ -138,17 +138,23 @@ def _prepared_frames(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: E
             yield item
 
 
+def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layer: int, *,
+                   frame_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(content keys, (m, d) embeddings) of every frame of ``ds``, in row order, from the cache only."""
+    lc = cache.layer(layer)
+    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
+        keys = [r.content_key() for r in rows_from_frame(df, spec, first)]
+        yield keys, lc.get(keys)
+
+
 def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
                  frame_rows: int = 4096, digests_to: BinaryIO | None = None) -> np.ndarray:
     """Pass 2: scores (n,) float64 of every row, from the cache only; with ``digests_to``, each row's 32-byte
     content digest is appended to that file (for pass 3), so only the scores — 8 bytes a row, which the
     threshold needs all of — stay in memory."""
     scores = []
-    lc = cache.layer(layer)
-    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
-        rows = rows_from_frame(df, spec, first)
-        keys = [r.content_key() for r in rows]
-        scores.append(detector.score(lc.get(keys)))
+    for keys, x in cached_vectors(ds, spec, cache, layer, frame_rows=frame_rows):
+        scores.append(detector.score(x))
         if digests_to is not None:
             digests_to.write(key_digests(keys).tobytes())
     return np.concatenate(scores)
@@ -158,10 +164,8 @@ def coords_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector
                   frame_rows: int = 4096) -> np.ndarray:
     """(n, k) float32 coordinates of every row in ``detector``'s subspace, from the cache only (for adapting
     the default probe to the data: 4·k bytes a row)."""
-    lc = cache.layer(layer)
-    out = [detector.project(lc.get([r.content_key() for r in rows_from_frame(df, spec, first)])).astype(np.float32)
-           for first, df in ds.frames(spec.columns, batch_rows=frame_rows)]
-    return np.concatenate(out)
+    return np.concatenate([detector.project(x).astype(np.float32)
+                           for _keys, x in cached_vectors(ds, spec, cache, layer, frame_rows=frame_rows)])
 
 
 def _changed_while_scored(ds: Dataset, rows_now: int | str, rows_scored: int) -> SaftError:
