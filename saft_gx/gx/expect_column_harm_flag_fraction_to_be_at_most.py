@@ -15,16 +15,15 @@ from great_expectations.core.suite_parameters import SuiteParameterDict  # noqa:
 from great_expectations.execution_engine import ExecutionEngine, PandasExecutionEngine
 from great_expectations.expectations.expectation import ColumnAggregateExpectation
 from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
-from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
-from .scoring import DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, row_scores_dependency
+from .scoring import DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, NeedsRowScores, SaftFields, ScoredRows
 
 FLAGGED_FRACTION = "saft.harm_score.flagged_fraction"
 AGG_KEYS = (*EMBED_KEYS, "threshold")
 
 
-class SaftFlaggedFraction(MetricProvider):
+class SaftFlaggedFraction(NeedsRowScores, MetricProvider):
     metric_name = FLAGGED_FRACTION
     domain_keys = DOMAIN_KEYS
     value_keys = AGG_KEYS
@@ -35,16 +34,6 @@ class SaftFlaggedFraction(MetricProvider):
         return {"fraction": float(scored.flagged.mean()), "flagged": int(scored.flagged.sum()), "rows": int(len(scored.scores)),
                 "threshold": scored.threshold, "threshold_rule": scored.rule, "detector_id": scored.detector_id,
                 "max_score": float(scored.scores.max()), "mean_score": float(scored.scores.mean())}
-
-    @classmethod
-    @override
-    def _get_evaluation_dependencies(cls, metric: MetricConfiguration, configuration=None, execution_engine=None,
-                                     runtime_configuration=None) -> dict:
-        deps = super()._get_evaluation_dependencies(metric=metric, configuration=configuration,
-                                                    execution_engine=execution_engine,
-                                                    runtime_configuration=runtime_configuration)
-        deps[ROW_SCORES] = row_scores_dependency(metric)
-        return deps
 
 
 class ExpectColumnHarmFlagFractionToBeAtMost(_render.SaftRenderers, SaftFields, ColumnAggregateExpectation):

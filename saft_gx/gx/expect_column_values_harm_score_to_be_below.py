@@ -20,10 +20,9 @@ from great_expectations.expectations.metrics.map_metric_provider import (
     column_condition_partial,
     column_function_partial,
 )
-from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from . import _render
-from .scoring import ROW_SCORES, SAFT_KEYS, SaftFields, ScoredRows, row_scores_dependency
+from .scoring import ROW_SCORES, SAFT_KEYS, NeedsRowScores, SaftFields, ScoredRows, row_scores_dependency
 
 
 def _aligned(values: pd.Series, column: pd.Series) -> pd.Series:
@@ -33,7 +32,8 @@ def _aligned(values: pd.Series, column: pd.Series) -> pd.Series:
     return pd.Series(values.to_numpy(), index=column.index)
 
 
-class SaftHarmScore(ColumnMapMetricProvider):
+class SaftHarmScore(NeedsRowScores, ColumnMapMetricProvider):
+    row_score_metrics = ("saft.harm_score.map", "saft.harm_score.below_threshold.condition")
     function_metric_name = "saft.harm_score"
     function_value_keys = SAFT_KEYS
     condition_metric_name = "saft.harm_score.below_threshold"
@@ -50,17 +50,6 @@ class SaftHarmScore(ColumnMapMetricProvider):
     def _pandas_condition(cls, column: pd.Series, _metrics: Dict[str, Any], **kwargs: Any) -> pd.Series:
         scored: ScoredRows = _metrics[ROW_SCORES]
         return _aligned(~scored.flagged, column)
-
-    @classmethod
-    @override
-    def _get_evaluation_dependencies(cls, metric: MetricConfiguration, configuration=None, execution_engine=None,
-                                     runtime_configuration=None) -> dict:
-        deps = super()._get_evaluation_dependencies(metric=metric, configuration=configuration,
-                                                    execution_engine=execution_engine,
-                                                    runtime_configuration=runtime_configuration)
-        if metric.metric_name in ("saft.harm_score.map", "saft.harm_score.below_threshold.condition"):
-            deps[ROW_SCORES] = row_scores_dependency(metric)
-        return deps
 
 
 class ExpectColumnValuesHarmScoreToBeBelow(_render.SaftRenderers, SaftFields, ColumnMapExpectation):

@@ -21,12 +21,11 @@ from great_expectations.expectations.expectation import ColumnAggregateExpectati
 from great_expectations.expectations.metrics.metric_provider import MetricProvider, metric_value
 from great_expectations.render.renderer.renderer import renderer
 from great_expectations.render import LegacyDiagnosticRendererType
-from great_expectations.validator.metric_configuration import MetricConfiguration
 
 from ..core.errors import SaftError
 from . import _render
-from .scoring import (DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, SaftFields, ScoredRows, column_options, domain_columns, is_messages_column,
-                      row_scores_dependency)
+from .scoring import (DOMAIN_KEYS, EMBED_KEYS, ROW_SCORES, NeedsRowScores, SaftFields, ScoredRows, column_options,
+                      domain_columns, is_messages_column)
 
 RESIDUAL = "saft.residual_harm_rate"
 RESIDUAL_KEYS = (*EMBED_KEYS, "threshold", "audit_labels", "confidence")
@@ -54,7 +53,7 @@ def residual_sentence(d: Dict[str, Any]) -> str:
             f"({d['harmful_labels']} harmful); τ = {d['threshold']:.4g}")
 
 
-class SaftResidualHarmRate(MetricProvider):
+class SaftResidualHarmRate(NeedsRowScores, MetricProvider):
     metric_name = RESIDUAL
     domain_keys = DOMAIN_KEYS
     value_keys = RESIDUAL_KEYS
@@ -78,16 +77,6 @@ class SaftResidualHarmRate(MetricProvider):
                 "harmful_labels": est.harmful_labels, "confidence": est.confidence, "threshold": scored.threshold,
                 "threshold_rule": scored.rule, "detector_id": scored.detector_id, "audit_labels": str(path),
                 "removed_rate": est.removed.rate, "recall_lower": est.recall.lower}
-
-    @classmethod
-    @override
-    def _get_evaluation_dependencies(cls, metric: MetricConfiguration, configuration=None, execution_engine=None,
-                                     runtime_configuration=None) -> dict:
-        deps = super()._get_evaluation_dependencies(metric=metric, configuration=configuration,
-                                                    execution_engine=execution_engine,
-                                                    runtime_configuration=runtime_configuration)
-        deps[ROW_SCORES] = row_scores_dependency(metric)
-        return deps
 
 
 class ExpectResidualHarmRateToBeBelow(_render.SaftRenderers, SaftFields, ColumnAggregateExpectation):

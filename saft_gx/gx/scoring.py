@@ -9,7 +9,7 @@ cache (``pipeline.score_frame``), so however often GX asks, each row runs throug
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, ClassVar, Dict, Optional, Union
 
 import numpy as np
 import pandas as pd
@@ -214,3 +214,21 @@ def row_scores_dependency(metric: MetricConfiguration) -> MetricConfiguration:
         metric_domain_kwargs=metric.metric_domain_kwargs,
         metric_value_kwargs={k: kw.get(k) for k in SAFT_KEYS},
     )
+
+
+class NeedsRowScores:
+    """Mixin for SAFT metric providers: the metric reads the one shared ``saft.row_scores`` of its domain, so a
+    validation embeds and scores each row once. ``row_score_metrics`` limits this to some of a provider's
+    metric names (a map provider also defines metrics that read only the map); None: all of them."""
+
+    row_score_metrics: ClassVar[Optional[tuple]] = None
+
+    @classmethod
+    def _get_evaluation_dependencies(cls, metric: MetricConfiguration, configuration=None, execution_engine=None,
+                                     runtime_configuration=None) -> dict:
+        deps = super()._get_evaluation_dependencies(metric=metric, configuration=configuration,  # type: ignore[misc]
+                                                    execution_engine=execution_engine,
+                                                    runtime_configuration=runtime_configuration)
+        if cls.row_score_metrics is None or metric.metric_name in cls.row_score_metrics:
+            deps[ROW_SCORES] = row_scores_dependency(metric)
+        return deps
