@@ -194,8 +194,8 @@ def table(results: dict, runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setup_args(ap: argparse.ArgumentParser) -> None:
+    """The data and fine-tuning options run.py and sweep.py share (same names, same defaults)."""
     ap.add_argument("--work-dir", default=str(ROOT / "examples" / "saft_pipeline" / "output"))
     ap.add_argument("--data-dir", default=str(ROOT / "data_src"))
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -207,9 +207,14 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--sap-batch-size", type=int, default=2)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data seed: which rows, which triples are held out")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setup_args(ap)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
     args = ap.parse_args()
 
     import torch
