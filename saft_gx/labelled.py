@@ -9,7 +9,8 @@ from typing import Any, Callable
 import numpy as np
 
 from . import pipeline
-from .detect.anchors import anchor_rows
+from .core import defaults
+from .detect.anchors import anchor_rows, fit_default
 from .io.cache import EmbeddingCache
 from .detect.calibrate import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_VARIANTS, Calibration, Key, ThresholdTarget, calibrate)
 from .embedding.embed import EmbedConfig, Embedder
@@ -165,12 +166,16 @@ def row_keys_at(ds: Any, spec: Any, positions: np.ndarray) -> list[str]:
 def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layers: list[int], tokens: list[str],
                       ks: tuple[int, ...] = DEFAULT_KS, variants: tuple[str, ...] = DEFAULT_VARIANTS,
                       anchors: bool = True, target: ThresholdTarget = ThresholdTarget(), folds: int = DEFAULT_FOLDS,
+                      stacks: list[tuple[int, ...]] = (),  # type: ignore[assignment]
                       progress: Callable[[int | None, str], Any] | None = None) -> tuple[Calibration, Any]:
     """Embed ``ds`` once per token position, capturing every layer up to the deepest candidate in one forward
-    pass (cached per layer), then ``calibrate`` over ``layers`` × ``tokens``. Returns (calibration, embed summary)."""
+    pass (cached per layer), then ``calibrate`` over (``layers`` and ``stacks``) × ``tokens``. With the anchors,
+    the default detector (anchors' probe at the default layer, adapted to ``ds``) is fitted too, as the prior of
+    ``probe-fused``. Returns (calibration, embed summary)."""
 
     lm, base_cfg = session.lm, session.config
-    captured = tuple(range(1, max(layers) + 1))
+    default_layer = defaults.layer_for(lm.num_layers)
+    captured = tuple(range(1, max([*layers, *(max(st) for st in stacks)]) + 1))
     stats: dict[Key, MomentStats] = {}
     labelled: dict[Key, np.ndarray] = {}
     anchor_x: dict[Key, np.ndarray] = {}
@@ -178,6 +183,7 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
     total = pipeline.EmbedSummary()
     lab_rows = labels.rows
     ya = None
+    priors: dict[Key, np.ndarray] = {}
     for token in tokens:
         cfg = EmbedConfig(layers=captured, token=token, max_tokens=base_cfg.max_tokens, overlong=base_cfg.overlong,
                           batch_tokens=base_cfg.batch_tokens, max_batch_rows=base_cfg.max_batch_rows)
@@ -205,6 +211,27 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
             labelled[(token, layer)] = cache.layer(layer).get(keys)
             if anchors:
                 anchor_x[(token, layer)] = cache.layer(layer).get(akeys)
+        for stack in stacks:
+            stats[(token, stack)] = MomentStats(lm.hidden_size * len(stack))
+            for _keys, x in pipeline.cached_vectors(ds, spec, cache, stack):
+                stats[(token, stack)].update(x)
+            labelled[(token, stack)] = np.hstack([cache.layer(layer).get(keys) for layer in stack])
+            if anchors:
+                anchor_x[(token, stack)] = np.hstack([cache.layer(layer).get(akeys) for layer in stack])
+        if anchors and "probe-fused" in variants:
+            prior = fit_default(st[default_layer], anchor_vectors=lambda: cache.layer(default_layer).get(akeys),
+                                data_coords=lambda d: pipeline.coords_cached(ds, spec, cache, d, default_layer),
+                                adapt=session.adapt, meta={}).direction()
+            d = lm.hidden_size
+            for key in stats:
+                if key[0] != token:
+                    continue
+                where = key[1] if isinstance(key[1], tuple) else (key[1],)
+                if default_layer in where:
+                    w = np.zeros(d * len(where))
+                    i = where.index(default_layer)
+                    w[i * d : (i + 1) * d] = prior
+                    priors[key] = w
     meta = session.detector_meta(ds, spec)
     meta["labels"] = labels.source
 
@@ -212,5 +239,6 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
         return pipeline.score_cached(ds, spec, caches[key[0]], det, key[1])
 
     cal = calibrate(stats, labelled, labels.labels, anchors=anchor_x if anchors else None, anchor_labels=ya, ks=ks,
-                    variants=variants, target=target, folds=folds, meta=meta, data_scores=data_scores)
+                    variants=variants, target=target, folds=folds, meta=meta, data_scores=data_scores,
+                    priors=priors or None)
     return cal, total

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -138,34 +138,39 @@ def _prepared_frames(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: E
             yield item
 
 
-def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layer: int, *,
+def layer_tuple(layers: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(layers),) if isinstance(layers, (int, np.integer)) else tuple(int(x) for x in layers)
+
+
+def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers: int | Sequence[int], *,
                    frame_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(content keys, (m, d) embeddings) of every frame of ``ds``, in row order, from the cache only."""
-    lc = cache.layer(layer)
+    """(content keys, (m, d) embeddings) of every frame of ``ds``, in row order, from the cache only; with
+    several layers, each row's vectors side by side (m, d · layers), in the order given."""
+    caches = [cache.layer(layer) for layer in layer_tuple(layers)]
     for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
         keys = [r.content_key() for r in rows_from_frame(df, spec, first)]
-        yield keys, lc.get(keys)
+        yield keys, caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
 
 
-def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
+def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layers: int | Sequence[int], *,
                  frame_rows: int = 4096, digests_to: BinaryIO | None = None) -> np.ndarray:
     """Pass 2: scores (n,) float64 of every row, from the cache only; with ``digests_to``, each row's 32-byte
     content digest is appended to that file (for pass 3), so only the scores — 8 bytes a row, which the
     threshold needs all of — stay in memory."""
     scores = []
-    for keys, x in cached_vectors(ds, spec, cache, layer, frame_rows=frame_rows):
+    for keys, x in cached_vectors(ds, spec, cache, layers, frame_rows=frame_rows):
         scores.append(detector.score(x))
         if digests_to is not None:
             digests_to.write(key_digests(keys).tobytes())
     return np.concatenate(scores)
 
 
-def coords_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layer: int, *,
+def coords_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layers: int | Sequence[int], *,
                   frame_rows: int = 4096) -> np.ndarray:
     """(n, k) float32 coordinates of every row in ``detector``'s subspace, from the cache only (for adapting
     the default probe to the data: 4·k bytes a row)."""
     return np.concatenate([detector.project(x).astype(np.float32)
-                           for _keys, x in cached_vectors(ds, spec, cache, layer, frame_rows=frame_rows)])
+                           for _keys, x in cached_vectors(ds, spec, cache, layers, frame_rows=frame_rows)])
 
 
 def _changed_while_scored(ds: Dataset, rows_now: int | str, rows_scored: int) -> SaftError:
@@ -247,6 +252,8 @@ class ScoreResult:
 class EmbedOptions:
     model: str | None = None
     layer: int | None = None
+    # several layers read side by side (a stacked detector from ``saft-gx calibrate``); None: ``layer`` alone
+    layers: tuple[int, ...] | None = None
     token: str | None = None
     max_tokens: int = DEFAULT_MAX_TOKENS
     overlong: str = DEFAULT_OVERLONG
@@ -272,7 +279,7 @@ class Session:
         cfg_kwargs: dict[str, Any] = {}
         if opts.batch_tokens:
             cfg_kwargs["batch_tokens"] = opts.batch_tokens
-        self.config = EmbedConfig(layers=(r.layer,), token=r.token, max_tokens=r.max_tokens, overlong=r.overlong, **cfg_kwargs)
+        self.config = EmbedConfig(layers=r.layers, token=r.token, max_tokens=r.max_tokens, overlong=r.overlong, **cfg_kwargs)
         self.embedder = Embedder(self.lm, self.config)
         self.anchors = opts.anchors
         self.adapt = opts.adapt
@@ -280,14 +287,20 @@ class Session:
                                     max_tokens=r.max_tokens, overlong=r.overlong, dim=self.lm.hidden_size)
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        return self.config.layers
+
+    @property
     def layer(self) -> int:
-        return self.config.layers[0]
+        """The deepest layer read: the model runs up to it."""
+        return max(self.config.layers)
 
     def detector_meta(self, ds: Dataset, spec: ColumnSpec) -> dict[str, Any]:
         return {
             "model": self.lm.model_ref,
             "model_fingerprint": self.lm.fingerprint,
             "layer": self.layer,
+            **({"layers": list(self.layers)} if len(self.layers) > 1 else {}),
             "token": self.config.token,
             "max_tokens": self.config.max_tokens,
             "overlong": self.config.overlong,
@@ -304,10 +317,9 @@ def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | No
     meta = detector.meta if detector is not None else {}
     if detector is not None:
         check_detector_matches(detector, lm, opts)
+    layer = int(opts.layer or meta.get("layer") or defaults.layer_for(lm.num_layers, anchors=opts.anchors and detector is None))
     return replace(
-        opts, model=lm.model_ref,
-        layer=int(opts.layer or meta.get("layer")
-                  or defaults.layer_for(lm.num_layers, anchors=opts.anchors and detector is None)),
+        opts, model=lm.model_ref, layer=layer, layers=layer_tuple(opts.layers or meta.get("layers") or (layer,)),
         token=opts.token or meta.get("token") or defaults.token_for(anchors=opts.anchors and detector is None),
         max_tokens=int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens,
         overlong=meta.get("overlong", opts.overlong) if detector is not None else opts.overlong,
@@ -317,8 +329,9 @@ def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | No
 def check_detector_matches(detector: Detector, lm: LoadedModel, opts: EmbedOptions) -> None:
     meta = detector.meta
     lm.refuse_other_model(meta, "the detector was fitted", "refit it or pass the matching --model")
-    if detector.dim != lm.hidden_size:
-        raise SaftError(f"the detector has dimension {detector.dim}, the model {lm.hidden_size}")
+    width = lm.hidden_size * len(meta.get("layers") or (1,))
+    if detector.dim != width:
+        raise SaftError(f"the detector has dimension {detector.dim}, the model's embedding {width}")
     for opt, key in ((opts.layer, "layer"), (opts.token, "token")):
         if opt is not None and meta.get(key) is not None and opt != meta[key]:
             raise SaftError(f"--{key} {opt}: the detector was fitted at {key} {meta[key]}; drop the option or refit")
@@ -340,7 +353,7 @@ def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int | None = None
     anchors = session.anchors if anchors is None else anchors
     stats, summary = fit_stats(session, ds, spec, progress=progress)
     det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=session.detector_meta(ds, spec),
-                           data_coords=lambda d: coords_cached(ds, spec, session.cache, d, session.layer))
+                           data_coords=lambda d: coords_cached(ds, spec, session.cache, d, session.layers))
     return det, summary
 
 
@@ -367,7 +380,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
         rule = ThresholdRule("contamination", DEFAULT_CONTAMINATION)
     # the digests wait on disk between pass 2 and pass 3: in memory they would be 32 bytes a row
     with tempfile.TemporaryFile(prefix="saft-digests-") as digests:
-        scores = score_cached(ds, spec, session.cache, detector, session.layer, digests_to=digests)
+        scores = score_cached(ds, spec, session.cache, detector, session.layers, digests_to=digests)
         if rule is not None:
             tau = resolve(rule, scores)
             rule_text = rule.describe()
@@ -392,7 +405,8 @@ _SESSIONS: dict[tuple, Session] = {}
 def shared_session(opts: EmbedOptions, detector: Detector | None = None) -> Session:
     """One Session per (model, embedding settings) per process, so repeated calls load the model once."""
     meta = detector.meta if detector is not None else {}
-    key = (opts.model or meta.get("model"), opts.layer or meta.get("layer"), opts.token or meta.get("token"),
+    key = (opts.model or meta.get("model"), opts.layer or meta.get("layer"), opts.layers or tuple(meta.get("layers") or ()),
+           opts.token or meta.get("token"),
            meta.get("max_tokens", opts.max_tokens), meta.get("overlong", opts.overlong), opts.device, opts.dtype,
            opts.cache_dir, opts.batch_tokens, opts.anchors and detector is None, opts.adapt)
     if key not in _SESSIONS:
@@ -403,17 +417,18 @@ def shared_session(opts: EmbedOptions, detector: Detector | None = None) -> Sess
 
 
 def embed_rows(session: Session, rows: list, first_row_id: int = 0, flush_rows: int = 512) -> np.ndarray:
-    """(n, d) float32 embeddings of ``rows`` at the session's layer, computing only cache misses."""
+    """(n, d · layers) float32 embeddings of ``rows`` at the session's layers, computing only cache misses."""
     keys = [r.content_key() for r in rows]
-    layer = session.cache.layer(session.layer)
-    missing = np.flatnonzero(~layer.contains(keys))
+    caches = [session.cache.layer(layer) for layer in session.layers]
+    missing = np.flatnonzero(session.cache.missing(keys, session.layers))
     if len(missing):
         tokenized = session.embedder.tokenize([rows[i] for i in missing], [first_row_id + int(i) for i in missing])
         for start in range(0, len(missing), flush_rows):
             part = range(start, min(start + flush_rows, len(missing)))
             vecs = session.embedder.embed_tokenized([tokenized[j] for j in part])
-            layer.put([keys[missing[j]] for j in part], vecs[:, 0, :])
-    return layer.get(keys)
+            for li, lc in enumerate(caches):
+                lc.put([keys[missing[j]] for j in part], vecs[:, li, :])
+    return caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
 
 
 def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Detector | None = None,

@@ -45,6 +45,22 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return vals
 
 
+def parse_stack(text: str, layers: list[int], num_layers: int) -> list[tuple[int, ...]]:
+    """``auto``, ``none`` or a list of layers: the stacks (layers read side by side) calibrate tries."""
+    text = (text or "auto").strip().lower()
+    if text == "none":
+        return []
+    if text == "auto":
+        auto = defaults.stack_for(num_layers)
+        return [auto] if len(auto) > 1 and set(auto) <= set(layers) else []
+    stack = _ints(text, "--stack")
+    if len(stack) < 2:
+        raise SaftError(f"--stack {text!r}: name at least two layers (one layer is a --layers candidate)")
+    if max(stack) > num_layers:
+        raise SaftError(f"--stack {text!r}: this model has layers 1..{num_layers}")
+    return [stack]
+
+
 @click.command()
 @click.argument("dataset", type=click.Path(dir_okay=False))
 @click.option("--labels", "labels_path", type=click.Path(dir_okay=False),
@@ -55,12 +71,15 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the detector into.")
 @click.option("--layers", "layers_text", help="Candidate layers: all (default), a range 8-20 or a list 10,12,15. "
               "Every layer up to the deepest is captured in one forward pass and cached.")
+@click.option("--stack", "stack_text", default="auto", show_default=True,
+              help="Layers read side by side as one more candidate (probe-full / probe-fused only): a list like 12,18,24, "
+                   "none, or auto: layers 12,18,24 of 30 (scaled to the model) when all of them are candidates.")
 @click.option("--tokens", "tokens_text", help="Candidate token positions, comma-separated (default: --token, else "
               f"{defaults.TOKEN}, the measured best). Each one costs a forward pass.")
 @click.option("--ks", default=",".join(map(str, DEFAULT_KS)),
               show_default=True, help="Candidate numbers of directions.")
 @click.option("--variants", default=",".join(DEFAULT_VARIANTS),
-              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe, probe-full).")
+              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe, probe-full, probe-fused).")
 @click.option("--anchors/--no-anchors", default=True, show_default=True,
               help="Also train orientation/direction on the built-in anchors (never used to judge or for τ).")
 @click.option("--target-fpr", type=float, help="τ: at most this false-positive rate on the labelled benign rows.")
@@ -70,7 +89,7 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 @embed_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(dataset: str, labels_path: str | None, label_column: str, id_column: str | None, output: str,
-              layers_text: str | None, tokens_text: str | None, ks: str, variants: str, anchors: bool,
+              layers_text: str | None, stack_text: str, tokens_text: str | None, ks: str, variants: str, anchors: bool,
               target_fpr: float | None, target_recall: float | None, remove_fraction: float | None, quiet: bool,
               **kw) -> None:
     """Choose layer, token position, k, variant, orientation and τ for DATASET from a few labelled rows
@@ -89,22 +108,27 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
               if labels_path else labelled.labels_from_column(ds, label_column))
     session = pipeline.Session(pipeline.EmbedOptions(**{**eopts.__dict__, "layer": None}))
     layers = parse_layers(layers_text, eopts.layer, session.lm.num_layers)
+    stacks = parse_stack(stack_text, layers, session.lm.num_layers)
     tokens = [t.strip() for t in (tokens_text or eopts.token or defaults.TOKEN).split(",") if t.strip()]
-    cal, summary = labelled.calibrate_dataset(session, ds, spec, labels, layers=layers, tokens=tokens,
+    cal, summary = labelled.calibrate_dataset(session, ds, spec, labels, layers=layers, tokens=tokens, stacks=stacks,
                                              ks=_ints(ks, "--ks"), variants=variant_list, anchors=anchors, target=target,
                                              progress=lambda total, desc: Progress(total, desc, quiet))
     det = cal.detector
     det.save(output)
     c = cal.chosen
-    click.echo(f"{summary.rows // len(tokens)} rows x {len(tokens)} token position(s), every layer to {max(layers)} "
+    deepest = max([*layers, *(max(st) for st in stacks)])
+    click.echo(f"{summary.rows // len(tokens)} rows x {len(tokens)} token position(s), every layer to {deepest} "
                f"captured ({summary.computed} embedded, {summary.rows - summary.computed} from cache); "
-               f"{len(layers)} candidate layer(s); {len(labels.rows)} labelled "
+               f"{len(layers)} candidate layer(s){''.join(f' + stack {cal_mod.layer_label(st)}' for st in stacks)}; "
+               f"{len(labels.rows)} labelled "
                f"({int(labels.labels.sum())} harmful){' + built-in anchors' if anchors else ''}")
     for tok, d in cal.by_layer().items():
         best = sorted(d.items(), key=lambda kv: -kv[1])[:5]
         click.echo(f"best out-of-fold AUROC by layer [{tok}]: " + ", ".join(f"{layer}: {a:.3f}" for layer, a in best))
+    for name, a in cal.by_stack().items():
+        click.echo(f"best out-of-fold AUROC of stack [{name}]: {a:.3f}")
     e = cal.expected
-    click.echo(f"chosen: layer {c.layer}, token {c.token}, {c.variant}, k={c.k} (out-of-fold AUROC {c.auroc:.3f}); "
+    click.echo(f"chosen: layer {cal_mod.layer_label(c.layer)}, token {c.token}, {c.variant}, k={c.k} (out-of-fold AUROC {c.auroc:.3f}); "
                f"τ = {cal.threshold:.6g} ({target.describe()}): precision {e['precision']:.2f}, recall {e['recall']:.2f}, "
                f"F1 {e['f1']:.2f}, FPR {e['fpr']:.2f} out of fold")
     click.echo(f"detector {det.detector_id} written to {output}")

@@ -102,8 +102,8 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
         if not output:
             return
     det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                           data_coords=lambda d: pipeline.coords_cached(ds, spec, session.cache, d, session.layer))
-    scores = pipeline.score_cached(ds, spec, session.cache, det, session.layer)
+                           data_coords=lambda d: pipeline.coords_cached(ds, spec, session.cache, d, session.layers))
+    scores = pipeline.score_cached(ds, spec, session.cache, det, session.layers)
     if rule is None and det.threshold is not None:  # τ from the built-in anchors
         rule_text = det.meta.get("threshold_rule", "from the detector")
     else:

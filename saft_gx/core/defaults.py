@@ -23,6 +23,10 @@ ADAPT_MIN_ROWS = 500  # below this, 5 % is under 25 rows, too few to teach the p
 #                       adapting raised the clean rows flagged from 1.5 % to 3.5 %): the anchors' probe is kept
 PROBABILITY_THRESHOLD = 0.92  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
 
+# saft-gx calibrate also tries a probe on several layers side by side (a "stack"), measured with
+# tests/bench/detection.py on the development half: 100 labels at layers 12+18+24 beat any one layer
+STACK_FRACTIONS = (12 / 30, 18 / 30, 24 / 30)
+
 # plain SAFT (--no-anchors): measured on our own rows with tests/bench/layer_sweep.py
 PLAIN_TOKEN = "last"
 PLAIN_LAYER_FRACTION = 6 / 30
@@ -37,3 +41,8 @@ def layer_for(num_layers: int, *, anchors: bool = True) -> int:
 
 def token_for(*, anchors: bool = True) -> str:
     return TOKEN if anchors else PLAIN_TOKEN
+
+
+def stack_for(num_layers: int) -> tuple[int, ...]:
+    """The layers (1-based) ``saft-gx calibrate`` stacks by default; the default detector's layer is one of them."""
+    return tuple(sorted({max(1, min(num_layers, round(f * num_layers))) for f in STACK_FRACTIONS}))

@@ -168,6 +168,12 @@ class Detector:
             raise SaftError(f"embedding size {x.shape[-1]} does not match the detector's {self.dim}")
         return (x - self.mean) @ self.components.T
 
+    def direction(self) -> np.ndarray:
+        """(d,) w with score = link(⟨x − μ, w⟩ + intercept): the direction a linear detector reads."""
+        if self.form != "linear":
+            raise SaftError("only a linear detector has one direction")
+        return self.orientation * (self.components.T @ self._weights())
+
     def score(self, x: np.ndarray) -> np.ndarray:
         """Harm scores of (n, d) vectors, float64; higher = more likely harmful."""
         proj = self.project(x)

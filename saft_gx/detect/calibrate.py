@@ -19,6 +19,12 @@ Variants (each is a ``Detector`` option; the subspace itself is always fitted on
 - ``probe-full``: the logistic probe on every dimension of the hidden state (each standardised), from the
   user's rows alone. With ~100 labels it reads harm the top-k subspace misses (measured in
   tests/bench/detection.py); ``k`` does not apply (reported as the embedding size).
+- ``probe-fused``: ``probe-full`` blended with the default detector (the built-in anchors' probe adapted to this
+  dataset, which knows harm the 100 labels never showed): score = 0.25·z(default) + 0.75·z(probe-full), each
+  logit in the data's standard deviations. Both are linear, so the blend is one direction.
+
+A candidate reads one layer, or several side by side (a *stack*, e.g. layers 12+18+24: the vectors are
+concatenated); stacks are tried with the full-space variants only.
 
 Candidates are compared by the AUROC of out-of-fold scores on the labelled rows (stratified folds; the
 anchors, when added, only ever train). τ is chosen on the same out-of-fold scores, so it is not fitted to
@@ -39,17 +45,24 @@ from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
 from ..core.threshold import best_f1_threshold, fpr_threshold, recall_threshold, top_fraction_threshold
 
-VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe", "probe-full")
-FULL_SPACE = ("probe-full",)  # variants that read every dimension of the hidden state, not the top-k subspace
+VARIANTS = ("saft", "saft-sigma", "saft-whiten", "direct", "probe", "probe-full", "probe-fused")
+FULL_SPACE = ("probe-full", "probe-fused")  # variants that read every dimension of the hidden state, not the top-k subspace
 DEFAULT_VARIANTS = VARIANTS
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_C = 0.1  # inverse ridge strength on standardised coordinates; measured in tests/bench/detection.py
 DEFAULT_SHRINK = 0.1  # α in w_j = Δ_j / (λ_j + α·λ̄); measured in tests/bench/detection.py
+# weight of the default detector in ``probe-fused``; chosen on the benchmark's development half (0.5 was worse
+# with 20+ harmful labels, better with ~5: the labels deserve most of the say once there are a few dozen)
+FUSE_PRIOR_WEIGHT = 0.25
 DEFAULT_FOLDS = 5
 TARGETS = ("f1", "fpr", "recall", "remove_fraction")
 ANCHOR_THRESHOLD_RULE = "best F1 on the built-in anchors (out of fold)"
 
-Key = tuple[str, int]  # (token position, layer)
+Key = tuple  # (token position, layer): an int, or a tuple of layers read side by side (a stack)
+
+
+def layer_label(layer: int | tuple[int, ...]) -> str:
+    return "+".join(map(str, layer)) if isinstance(layer, tuple) else str(layer)
 
 
 # ---- the variants ----
@@ -94,14 +107,28 @@ def direct_coef(det: Detector, x: np.ndarray, y: np.ndarray, *, groups: np.ndarr
 
 
 def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = None, y: np.ndarray | None = None, *,
-                groups: np.ndarray | None = None, shrink: float = DEFAULT_SHRINK) -> Detector:
+                groups: np.ndarray | None = None, shrink: float = DEFAULT_SHRINK,
+                prior: np.ndarray | None = None, data_cov: np.ndarray | None = None) -> Detector:
     """The ``variant`` detector on the first ``k`` directions of ``base`` (fitted unsupervised on the data),
     oriented / directed by the labelled vectors ``x`` with labels ``y`` (1 = harmful) when given.
 
     ``probe-full`` ignores ``k`` and the subspace: a logistic probe on every dimension of the hidden state
     (each standardised), fitted on the user's rows only (group 0 of ``groups``; the anchors, group 1, are left
     out: with 100 labels they pull the direction away from the user's data — tests/bench/detection.py). It is
-    stored as a one-direction linear detector: v = β/‖β‖, weight ‖β‖."""
+    stored as a one-direction linear detector: v = β/‖β‖, weight ‖β‖.
+
+    ``probe-fused`` needs ``prior`` (the default detector's logit direction in this space) and ``data_cov`` (the
+    data's covariance, to put both logits in data standard deviations)."""
+    if variant == "probe-fused":
+        if prior is None or data_cov is None:
+            raise SaftError("the probe-fused variant needs the default detector's direction and the data's covariance")
+        full = fit_variant(base, "probe-full", k, x, y, groups=groups)
+        beta = full.components[0] * float(full.coef[0])  # type: ignore[index]
+        w = FUSE_PRIOR_WEIGHT * _per_sd(prior, data_cov) + (1 - FUSE_PRIOR_WEIGHT) * _per_sd(beta, data_cov)
+        norm = float(np.linalg.norm(w)) or 1.0
+        return base.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none",
+                          form="linear", coef=np.array([norm]), intercept=0.0, link="identity", orientation=1,
+                          threshold=None)
     if variant == "probe-full":
         if x is None or y is None:
             raise SaftError("the probe-full variant needs labelled rows")
@@ -133,6 +160,12 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
     if x is not None and y is not None:
         det = orient(det, x, y)
     return det
+
+
+def _per_sd(w: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """``w`` scaled so that ⟨x, w⟩ has standard deviation 1 over the data."""
+    sd = float(np.sqrt(max(w @ cov @ w, 0.0)))
+    return w / sd if sd > 0 else w
 
 
 def balanced_weights(y: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
@@ -177,7 +210,7 @@ def stratified_folds(y: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
 
 def oof_scores(base: Detector, variant: str, k: int, x: np.ndarray, y: np.ndarray, *, fold_of: np.ndarray,
                x_extra: np.ndarray | None = None, y_extra: np.ndarray | None = None,
-               shrink: float = DEFAULT_SHRINK) -> np.ndarray:
+               shrink: float = DEFAULT_SHRINK, **fit_kw: Any) -> np.ndarray:
     """Out-of-fold scores of the labelled rows: each fold scored by a detector directed/oriented without it.
     Scores of different folds share one scale (squared variants only change orientation; ``direct`` scores
     are in data standard deviations)."""
@@ -187,7 +220,7 @@ def oof_scores(base: Detector, variant: str, k: int, x: np.ndarray, y: np.ndarra
         xt, yt, gt = _stack(x[~test], y[~test], x_extra, y_extra)
         if yt.all() or not yt.any():
             raise SaftError("a calibration fold holds only one class; label more rows of the rarer class")
-        s[test] = fit_variant(base, variant, k, xt, yt, groups=gt, shrink=shrink).score(x[test])
+        s[test] = fit_variant(base, variant, k, xt, yt, groups=gt, shrink=shrink, **fit_kw).score(x[test])
     return s
 
 
@@ -259,7 +292,7 @@ def rates(scores: np.ndarray, labels: np.ndarray, tau: float) -> dict[str, float
 @dataclass(frozen=True)
 class Trial:
     token: str
-    layer: int
+    layer: int | tuple[int, ...]
     variant: str
     k: int
     auroc: float
@@ -286,8 +319,19 @@ class Calibration:
         """Best out-of-fold AUROC per token position and layer (over variants and k)."""
         out: dict[str, dict[int, float]] = {}
         for t in self.trials:
+            if isinstance(t.layer, tuple):
+                continue
             d = out.setdefault(t.token, {})
             d[t.layer] = max(d.get(t.layer, 0.0), t.auroc)
+        return out
+
+    def by_stack(self) -> dict[str, float]:
+        """Best out-of-fold AUROC per stack of layers ("token 12+18+24")."""
+        out: dict[str, float] = {}
+        for t in self.trials:
+            if isinstance(t.layer, tuple):
+                name = f"{t.token} {layer_label(t.layer)}"
+                out[name] = max(out.get(name, 0.0), t.auroc)
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -295,11 +339,13 @@ class Calibration:
         y = np.asarray(self.labels).astype(bool)
         return {
             "labelled_rows": int(len(y)), "labelled_harmful": int(y.sum()),
-            "token": c.token, "layer": c.layer, "variant": c.variant, "k": c.k,
+            "token": c.token, "layer": layer_label(c.layer) if isinstance(c.layer, tuple) else c.layer,
+            "variant": c.variant, "k": c.k,
             "cv_auroc": round(c.auroc, 4), "threshold_rule": self.target.describe(),
             "expected_at_threshold": {k: round(v, 4) for k, v in self.expected.items()},
             "auroc_by_layer": {tok: {str(layer): round(a, 4) for layer, a in sorted(d.items())}
                                for tok, d in self.by_layer().items()},
+            **({"auroc_by_stack": {n: round(a, 4) for n, a in self.by_stack().items()}} if self.by_stack() else {}),
         }
 
 
@@ -308,14 +354,19 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
               ks: tuple[int, ...] = DEFAULT_KS, variants: tuple[str, ...] = DEFAULT_VARIANTS,
               target: ThresholdTarget = ThresholdTarget(), folds: int = DEFAULT_FOLDS, seed: int = 0,
               shrink: float = DEFAULT_SHRINK, meta: Mapping[str, Any] | None = None,
-              data_scores: Callable[[Detector, Key], np.ndarray] | None = None) -> Calibration:
+              data_scores: Callable[[Detector, Key], np.ndarray] | None = None,
+              priors: Mapping[Key, np.ndarray] | None = None) -> Calibration:
     """Search every (token, layer) in ``stats`` × ``variants`` × ``ks`` and return the best detector.
 
     stats: unlabelled statistics of the whole dataset per (token, layer); the subspaces are fitted on them.
+        A key's layer may be a tuple (a stack: the vectors of those layers side by side); stacks are tried with
+        the full-space variants only.
     labelled: (m, d) vectors of the labelled rows per (token, layer), in the order of ``labels``.
     anchors / anchor_labels: extra labelled vectors (the built-in anchors) used only for training the
         orientation / direction, never for judging a candidate or choosing τ.
     data_scores: scores of the whole dataset under a detector, needed only for ``remove_fraction``.
+    priors: per key, the default detector's logit direction in that key's space (fitted without the labels);
+        ``probe-fused`` is tried only where there is one.
     """
     y = np.asarray(labels).astype(np.int8)
     yb = y.astype(bool)
@@ -337,28 +388,38 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
     trials: list[Trial] = []
     bases: dict[Key, Detector] = {}
     best: tuple[tuple, Trial, np.ndarray] | None = None
-    for key in sorted(stats, key=lambda kk: (kk[0], kk[1])):
+    fit_kw: dict[Key, dict[str, Any]] = {}
+    for key in sorted(stats, key=lambda kk: (kk[0], isinstance(kk[1], tuple), str(kk[1]))):
         st = stats[key]
         kmax = min(max(ks), st.dim, st.n - 1)
         base = Detector.fit(st, k=kmax)
         bases[key] = base
+        prior = None if priors is None else priors.get(key)
+        fit_kw[key] = {} if prior is None or "probe-fused" not in variants else {
+            "prior": np.asarray(prior, dtype=np.float64), "data_cov": st.covariance()}
+        key_variants = [v for v in variants if (v in FULL_SPACE or not isinstance(key[1], tuple))
+                        and (v != "probe-fused" or fit_kw[key])]
         x = np.asarray(labelled[key], dtype=np.float64)
         if x.shape[0] != len(y):
             raise SaftError(f"{len(y)} labels but {x.shape[0]} labelled vectors at {key}")
         xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)
-        for variant in variants:
+        for variant in key_variants:
             for k in ([st.dim] if variant in FULL_SPACE else sorted({min(k, kmax) for k in ks})):
-                s = oof_scores(base, variant, k, x, y, fold_of=fold_of, x_extra=xa, y_extra=ya, shrink=shrink)
+                s = oof_scores(base, variant, k, x, y, fold_of=fold_of, x_extra=xa, y_extra=ya, shrink=shrink,
+                               **(fit_kw[key] if variant == "probe-fused" else {}))
                 t = Trial(key[0], key[1], variant, k, auroc(s, y), dprime(s, y))
                 trials.append(t)
                 if best is None or t.rank() > best[0]:
                     best = (t.rank(), t, s)
-    assert best is not None
+    if best is None:
+        raise SaftError("no candidate to try: probe-fused needs the built-in anchors' detector (drop --no-anchors) "
+                        "and a candidate at its layer")
     _, chosen, oof = best
     key = (chosen.token, chosen.layer)
     xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)
     xt, yt, gt = _stack(np.asarray(labelled[key], dtype=np.float64), y, xa, ya)
-    det = fit_variant(bases[key], chosen.variant, chosen.k, xt, yt, groups=gt, shrink=shrink)
+    det = fit_variant(bases[key], chosen.variant, chosen.k, xt, yt, groups=gt, shrink=shrink,
+                      **(fit_kw[key] if chosen.variant == "probe-fused" else {}))
     if chosen.variant not in ("direct", "probe", *FULL_SPACE) and det.orientation != fit_variant(bases[key], chosen.variant, chosen.k, labelled[key], y).orientation:
         # the anchors and the user's labels disagree on the orientation: the user's rows win
         det = det.with_(orientation=-det.orientation)
@@ -366,7 +427,10 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
     cal = Calibration(detector=det, chosen=chosen, trials=trials, oof=oof, labels=y, threshold=tau, target=target,
                       expected=rates(oof, y, tau))
     m = dict(meta or {})
-    m.update({"layer": chosen.layer, "token": chosen.token, "variant": chosen.variant,
+    stack = chosen.layer if isinstance(chosen.layer, tuple) else None
+    m.pop("layers", None)
+    m.update({"layer": max(stack) if stack else chosen.layer, **({"layers": list(stack)} if stack else {}),
+              "token": chosen.token, "variant": chosen.variant,
               "threshold_rule": f"{target.describe()} (saft-gx calibrate)",
               "calibration": {**cal.summary(), "anchors_added": anchors is not None, "folds": int(fold_of.max() + 1),
                               "shrink": shrink}})

@@ -136,14 +136,13 @@ def embed_fn(opts: EmbedOptions, spec: ColumnSpec, fingerprint: str, computed: A
         from ..embedding.rows import rows_from_frame
 
         session = executor_session(opts, fingerprint)
-        layer = session.cache.layer(session.layer)
         for df in frames:
             ids = df["row_id"].to_numpy(dtype=np.int64)
             for lo, hi in _contiguous_runs(ids):
                 part = df.iloc[lo:hi].reset_index(drop=True)
                 rows = rows_from_frame(part, spec, int(ids[lo]))
                 keys = [r.content_key() for r in rows]
-                before = int((~layer.contains(keys)).sum())
+                before = int(session.cache.missing(keys, session.layers).sum())
                 vecs = embed_rows(session, rows, int(ids[lo])).astype(np.float16)
                 computed.add(before)
                 yield pd.DataFrame({"row_id": ids[lo:hi], "text_sha256": keys,

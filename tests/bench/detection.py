@@ -19,8 +19,9 @@ Honesty rules it follows:
 - The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (the data's SAFT
   subspace + the built-in anchors, τ = the default probability), **plain SAFT** is the paper's unsupervised
   score on the same vectors (``--no-anchors`` scores whole rows at its own layer/token; see ``--plain-own``),
-  **calibrated** is ``calibrate.calibrate`` (``--variants probe-full``) on 100 labelled rows drawn from the mix
-  (left out of its metrics).
+  **calibrated** is ``calibrate.calibrate`` as ``saft-gx calibrate --layers 12,18,24 --variants
+  probe-full,probe-fused`` runs it (those layers one by one and stacked side by side, the fused variant's prior
+  being the default detector above) on 100 labelled rows drawn from the mix (left out of its metrics).
 
 Vectors come from saft_gx's own embedding path and cache (``Session`` at the package defaults). The
 default reads the prompt-end token, whose state does not depend on the response (causal model), so rows that
@@ -45,10 +46,12 @@ from saft_gx.detect.calibrate import ThresholdTarget, calibrate
 from saft_gx.core.metrics import auroc, precision_recall_f1
 from saft_gx.pipeline import EmbedOptions, Session, embed_into_cache
 from saft_gx.embedding.rows import Row
-from saft_gx.core.subspace import MomentStats
+from saft_gx.core.subspace import Detector, MomentStats
 
 ROOT = Path(__file__).resolve().parents[2]
 LAMBDAS = (0.05, 0.1, 0.2, 0.3)
+DEFAULT_LAYER = defaults.layer_for(30)  # SmolLM2-135M has 30 layers
+STACK = defaults.stack_for(30)
 
 
 def half_of(prompt: str) -> int:
@@ -67,10 +70,11 @@ def own_rows() -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
-def embed_prompts(session: Session, prompts: list[str]) -> np.ndarray:
+def embed_prompts(session: Session, prompts: list[str]) -> dict[int, np.ndarray]:
+    """Every prompt's vectors at each of the session's layers (one forward pass, through the cache)."""
     rows = [Row(messages=(("user", p), ("assistant", "."))) for p in prompts]
     keys = embed_into_cache(session.embedder, session.cache, rows)
-    return session.cache.layer(session.layer).get(keys).astype(np.float64)
+    return {layer: session.cache.layer(layer).get(keys).astype(np.float64) for layer in session.layers}
 
 
 def mix_pools(df: pd.DataFrame) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:
@@ -91,8 +95,9 @@ def draw(harm: pd.DataFrame, benign: pd.DataFrame, lam: float, n: int, rng: np.r
     return pd.concat(parts)  # keeps df's index: the rows' positions in the embedded matrix
 
 
-def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
+def evaluate(xs: dict[int, np.ndarray], y: np.ndarray, resp_len: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
              rng: np.random.Generator, *, with_calibration: bool) -> dict:
+    x = xs[DEFAULT_LAYER]
     stats = MomentStats(x.shape[1]).update(x)
     det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, data_coords=lambda d: d.project(x))
     s = det.score(x)
@@ -107,24 +112,35 @@ def evaluate(x: np.ndarray, y: np.ndarray, resp_len: np.ndarray, anchors_x: np.n
         out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=max(length, 1 - length),
                    unadapted=auroc(unadapted, y))
         if with_calibration:
-            out["calibrated"] = calibrated_auroc(stats, x, y, anchors_x, ya, rng)
+            out["calibrated"] = calibrated_auroc(xs, det, y, rng)
     return out
 
 
-def calibrated_auroc(stats: MomentStats, x: np.ndarray, y: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
-                     rng: np.random.Generator, n_labels: int = 100) -> float:
-    """AUROC on the rows left after 100 random labelled rows were used by ``calibrate --variants probe-full``: on
-    the development half, searching probe / direct / probe-full by out-of-fold AUROC picked a subspace probe on
-    some draws and lost 0.03 on ``matched`` (0.926 vs 0.959; 20 harmful labels make that choice noisy)."""
+def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray, rng: np.random.Generator,
+                     n_labels: int = 100) -> float:
+    """AUROC on the rows left after 100 random labelled rows were used by ``calibrate --layers 12,18,24 --variants
+    probe-full,probe-fused`` (the full-space probes: on the development half, searching the subspace variants too
+    picked a subspace probe on some draws and lost 0.03 on ``matched``; 20 harmful labels make that choice noisy)."""
     while True:
         lab = rng.choice(len(y), n_labels, replace=False)
         if 2 <= y[lab].sum() <= n_labels - 2:
             break
-    key = (defaults.TOKEN, 0)
-    cal = calibrate({key: stats}, {key: x[lab]}, y[lab], anchors={key: anchors_x}, anchor_labels=ya,
-                    variants=("probe-full",), target=ThresholdTarget("f1"))
+    tok, d = defaults.TOKEN, xs[DEFAULT_LAYER].shape[1]
+    vectors = {(tok, layer): x for layer, x in xs.items()}
+    vectors[(tok, STACK)] = np.hstack([xs[layer] for layer in STACK])
+    stats = {key: MomentStats(x.shape[1]).update(x) for key, x in vectors.items()}
+    priors = {}
+    for key in vectors:  # the default detector's direction, placed at its layer's block
+        where = key[1] if isinstance(key[1], tuple) else (key[1],)
+        if DEFAULT_LAYER in where:
+            w = np.zeros(d * len(where))
+            i = where.index(DEFAULT_LAYER)
+            w[i * d : (i + 1) * d] = default.direction()
+            priors[key] = w
+    cal = calibrate(stats, {key: x[lab] for key, x in vectors.items()}, y[lab], variants=("probe-full", "probe-fused"),
+                    target=ThresholdTarget("f1"), priors=priors)
     rest = np.setdiff1d(np.arange(len(y)), lab)
-    return auroc(cal.detector.score(x[rest]), y[rest])
+    return auroc(cal.detector.score(vectors[(tok, cal.chosen.layer)][rest]), y[rest])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,17 +170,20 @@ def main(argv: list[str] | None = None) -> None:
     if not args.all_rows:
         df = df[df.prompt.map(half_of) == args.half].reset_index(drop=True)
 
-    session = Session(EmbedOptions())
+    session = Session(EmbedOptions(layers=STACK if not args.no_calibration else (DEFAULT_LAYER,)))
+    if session.lm.num_layers != 30:
+        raise SystemExit("the benchmark's layers are the default model's (30 layers)")
     prompts = list(dict.fromkeys(df.prompt))
     vec = embed_prompts(session, prompts)
-    index = {p: i for i, p in enumerate(prompts)}
-    X = vec[[index[p] for p in df.prompt]]
+    index = [{p: i for i, p in enumerate(prompts)}[p] for p in df.prompt]
+    XS = {layer: v[index] for layer, v in vec.items()}
+    X = XS[DEFAULT_LAYER]
     arows, ya = anchor_rows()
-    A = embed_prompts(session, [r.messages[0][1] for r in arows])
+    A = embed_prompts(session, [r.messages[0][1] for r in arows])[DEFAULT_LAYER]
     y_all = df.label.to_numpy()
     resp_len = df.response.str.len().to_numpy()
     print(f"data {name}: {len(df)} rows ({'both halves' if args.all_rows else f'half {args.half}'}), "
-          f"{len(prompts)} prompts; anchors {len(ya)}; model {session.lm.model_ref}, layer {session.layer}, "
+          f"{len(prompts)} prompts; anchors {len(ya)}; model {session.lm.model_ref}, layer {DEFAULT_LAYER}, "
           f"token {session.config.token}, k {defaults.K}, τ = p > {defaults.PROBABILITY_THRESHOLD:g}; "
           f"embedded in {time.perf_counter() - t0:.0f} s")
 
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                 rng = np.random.default_rng(1000 * seed + int(lam * 100))
                 m = draw(harm, benign, lam, args.rows, rng)
                 sel = m.index.to_numpy()
-                r = evaluate(X[sel], y_all[sel], resp_len[sel], A, ya, rng,
+                r = evaluate({layer: x[sel] for layer, x in XS.items()}, y_all[sel], resp_len[sel], A, ya, rng,
                              with_calibration=not args.no_calibration and lam == 0.2)
                 r.update(mix=mix, lam=lam, seed=seed)
                 results.append(r)
