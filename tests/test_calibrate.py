@@ -219,7 +219,8 @@ def test_cli_calibrate_writes_a_detector_that_score_uses(tiny_model_dir, labelle
     data, labels = labelled_parquet
     out = tmp_path / "det"
     r = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(out), "--model",
-                                 str(tiny_model_dir), "--ks", "1,2,4", "--target-fpr", "0.2"], catch_exceptions=False)
+                                 str(tiny_model_dir), "--layers", "all", "--stack", "none", "--variants",
+                                 "saft,direct,probe", "--ks", "1,2,4", "--target-fpr", "0.2"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "detector.json").read_text())
     cal = meta["calibration"]
@@ -228,9 +229,14 @@ def test_cli_calibrate_writes_a_detector_that_score_uses(tiny_model_dir, labelle
     assert cal["labelled_rows"] == 13 and cal["labelled_harmful"] == 4 and "false-positive rate" in cal["threshold_rule"]
     assert f"layer {meta['layer']}" in r.output
     # the cache holds every layer: a second calibration embeds nothing
+    # the cache holds every layer: a second calibration, with the defaults (the stack of layers 2 and 3 of this
+    # 4-layer model, probe-fused), embeds nothing
     r2 = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(tmp_path / "det2"),
-                                  "--model", str(tiny_model_dir), "--ks", "1,2,4"], catch_exceptions=False)
+                                  "--model", str(tiny_model_dir)], catch_exceptions=False)
     assert r2.exit_code == 0 and "0 embedded" in r2.output
+    assert "candidates: 0 single layer(s) + stack 2+3 x probe-fused" in r2.output
+    meta2 = json.loads((tmp_path / "det2" / "detector.json").read_text())
+    assert meta2["layers"] == [2, 3] and meta2["variant"] == "probe-fused"
     # ... and `score --detector` uses the calibrated layer and τ
     scored = tmp_path / "scored.parquet"
     r3 = CliRunner().invoke(cli, ["score", str(data), "--detector", str(out), "--no-db", "--out", str(scored), "--model",

@@ -15,12 +15,15 @@ from .options import Progress, column_options, column_opts, embed_options, embed
 
 
 def parse_layers(text: str | None, single: int | None, num_layers: int) -> list[int]:
-    """``all`` (default), ``a-b``, ``a,b,c`` or a mix: the candidate layers, checked against the model."""
+    """``none`` (default: the stack alone), ``all``, ``a-b``, ``a,b,c`` or a mix: the candidate single layers,
+    checked against the model."""
     if single is not None and text:
         raise SaftError("give --layer or --layers, not both")
     if single is not None:
         text = str(single)
-    if not text or text == "all":
+    if not text or text == "none":
+        return []
+    if text == "all":
         return list(range(1, num_layers + 1))
     out: set[int] = set()
     try:
@@ -46,13 +49,14 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 
 def parse_stack(text: str, layers: list[int], num_layers: int) -> list[tuple[int, ...]]:
-    """``auto``, ``none`` or a list of layers: the stacks (layers read side by side) calibrate tries."""
+    """``auto``, ``none`` or a list of layers: the stacks (layers read side by side) calibrate tries. ``auto``: the
+    default stack, alone when no single layer is a candidate, else only when all its layers are candidates."""
     text = (text or "auto").strip().lower()
     if text == "none":
         return []
     if text == "auto":
         auto = defaults.stack_for(num_layers)
-        return [auto] if len(auto) > 1 and set(auto) <= set(layers) else []
+        return [auto] if len(auto) > 1 and (not layers or set(auto) <= set(layers)) else []
     stack = _ints(text, "--stack")
     if len(stack) < 2:
         raise SaftError(f"--stack {text!r}: name at least two layers (one layer is a --layers candidate)")
@@ -69,19 +73,22 @@ def parse_stack(text: str, layers: list[int], num_layers: int) -> list[tuple[int
 @click.option("--label-column", default="label", show_default=True, help="Column holding the 0/1 labels.")
 @click.option("--id-column", help="Column matching labels to rows (default: id when both files have it, else row_id).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the detector into.")
-@click.option("--layers", "layers_text", help="Candidate layers: all (default), a range 8-20 or a list 10,12,15. "
-              "Every layer up to the deepest is captured in one forward pass and cached.")
+@click.option("--layers", "layers_text", help="Candidate single layers: none (default: the stack alone), all, a range "
+              "8-20 or a list 10,12,15. Every layer up to the deepest is captured in one forward pass and cached.")
 @click.option("--stack", "stack_text", default="auto", show_default=True,
               help="Layers read side by side as one more candidate (probe-full / probe-fused only): a list like 12,18,24, "
-                   "none, or auto: layers 12,18,24 of 30 (scaled to the model) when all of them are candidates.")
+                   "none, or auto: layers 12,18,24 of 30 (scaled to the model); alone by default, beside --layers "
+                   "when all three are among them.")
 @click.option("--tokens", "tokens_text", help="Candidate token positions, comma-separated (default: --token, else "
               f"{defaults.TOKEN}, the measured best). Each one costs a forward pass.")
 @click.option("--ks", default=",".join(map(str, DEFAULT_KS)),
               show_default=True, help="Candidate numbers of directions.")
-@click.option("--variants", default=",".join(DEFAULT_VARIANTS),
-              show_default=True, help="Candidate scoring variants (saft, saft-sigma, saft-whiten, direct, probe, probe-full, probe-fused).")
+@click.option("--variants", help="Candidate scoring variants, comma-separated: saft, saft-sigma, saft-whiten, direct, "
+              "probe, probe-full, probe-fused (default: probe-fused, or probe-full with --no-anchors: the measured best "
+              f"with ~100 labels; all of them: {','.join(DEFAULT_VARIANTS)}).")
 @click.option("--anchors/--no-anchors", default=True, show_default=True,
-              help="Also train orientation/direction on the built-in anchors (never used to judge or for τ).")
+              help="Also train orientation/direction on the built-in anchors, and fit the default detector as "
+                   "probe-fused's prior (never used to judge or for τ).")
 @click.option("--target-fpr", type=float, help="τ: at most this false-positive rate on the labelled benign rows.")
 @click.option("--target-recall", type=float, help="τ: at least this recall on the labelled harmful rows.")
 @click.option("--remove-fraction", type=float, help="τ: flag this fraction of the dataset.")
@@ -89,11 +96,14 @@ def parse_stack(text: str, layers: list[int], num_layers: int) -> list[tuple[int
 @embed_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(dataset: str, labels_path: str | None, label_column: str, id_column: str | None, output: str,
-              layers_text: str | None, stack_text: str, tokens_text: str | None, ks: str, variants: str, anchors: bool,
+              layers_text: str | None, stack_text: str, tokens_text: str | None, ks: str, variants: str | None, anchors: bool,
               target_fpr: float | None, target_recall: float | None, remove_fraction: float | None, quiet: bool,
               **kw) -> None:
     """Choose layer, token position, k, variant, orientation and τ for DATASET from a few labelled rows
     (about 100 is plenty), and write the detector. Use it with `saft-gx score DATASET --detector DIR`.
+
+    By default: one candidate, the measured best with ~100 labels — a logistic probe on layers 12, 18 and 24
+    side by side, blended with the default detector (probe-fused). --layers/--variants widen the search.
 
     τ is the best-F1 threshold unless you name a target false-positive rate, recall, or removal fraction."""
     from ..detect import calibrate as cal_mod
@@ -101,7 +111,8 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
 
     eopts, copts = embed_opts(kw), column_opts(kw)
     target = cal_mod.target_from_options(target_fpr, target_recall, remove_fraction)
-    variant_list = tuple(v.strip() for v in variants.split(",") if v.strip())
+    variant_list = (tuple(v.strip() for v in variants.split(",") if v.strip()) if variants
+                    else ("probe-fused",) if anchors else ("probe-full",))
     ds = open_dataset(dataset)
     spec = copts.resolve(ds)
     labels = (labelled.labels_from_file(labels_path, ds, id_column=id_column, label_column=label_column)
@@ -109,6 +120,8 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
     session = pipeline.Session(pipeline.EmbedOptions(**{**eopts.__dict__, "layer": None}))
     layers = parse_layers(layers_text, eopts.layer, session.lm.num_layers)
     stacks = parse_stack(stack_text, layers, session.lm.num_layers)
+    if not layers and not stacks:
+        raise SaftError("no candidate: name --layers, or keep a --stack")
     tokens = [t.strip() for t in (tokens_text or eopts.token or defaults.TOKEN).split(",") if t.strip()]
     cal, summary = labelled.calibrate_dataset(session, ds, spec, labels, layers=layers, tokens=tokens, stacks=stacks,
                                              ks=_ints(ks, "--ks"), variants=variant_list, anchors=anchors, target=target,
@@ -119,7 +132,8 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
     deepest = max([*layers, *(max(st) for st in stacks)])
     click.echo(f"{summary.rows // len(tokens)} rows x {len(tokens)} token position(s), every layer to {deepest} "
                f"captured ({summary.computed} embedded, {summary.rows - summary.computed} from cache); "
-               f"{len(layers)} candidate layer(s){''.join(f' + stack {cal_mod.layer_label(st)}' for st in stacks)}; "
+               f"candidates: {len(layers)} single layer(s){''.join(f' + stack {cal_mod.layer_label(st)}' for st in stacks)} "
+               f"x {', '.join(variant_list)}; "
                f"{len(labels.rows)} labelled "
                f"({int(labels.labels.sum())} harmful){' + built-in anchors' if anchors else ''}")
     for tok, d in cal.by_layer().items():

@@ -19,9 +19,10 @@ Honesty rules it follows:
 - The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (the data's SAFT
   subspace + the built-in anchors, τ = the default probability), **plain SAFT** is the paper's unsupervised
   score on the same vectors (``--no-anchors`` scores whole rows at its own layer/token; see ``--plain-own``),
-  **calibrated** is ``calibrate.calibrate`` as ``saft-gx calibrate --layers 12,18,24 --variants
-  probe-full,probe-fused`` runs it (those layers one by one and stacked side by side, the fused variant's prior
-  being the default detector above) on 100 labelled rows drawn from the mix (left out of its metrics).
+  **calibrated** is ``calibrate.calibrate`` as ``saft-gx calibrate`` runs it by default (``probe-fused`` on
+  layers 12, 18 and 24 side by side, its prior being the default detector above) on 100 labelled rows drawn
+  from the mix (left out of its metrics); ``--calibrate-search`` also tries those layers one by one and
+  ``probe-full`` (``saft-gx calibrate --layers 12,18,24 --variants probe-full,probe-fused``).
 
 Vectors come from saft_gx's own embedding path and cache (``Session`` at the package defaults). The
 default reads the prompt-end token, whose state does not depend on the response (causal model), so rows that
@@ -96,7 +97,7 @@ def draw(harm: pd.DataFrame, benign: pd.DataFrame, lam: float, n: int, rng: np.r
 
 
 def evaluate(xs: dict[int, np.ndarray], y: np.ndarray, resp_len: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
-             rng: np.random.Generator, *, with_calibration: bool) -> dict:
+             rng: np.random.Generator, *, with_calibration: bool, calibrate_search: bool = False) -> dict:
     x = xs[DEFAULT_LAYER]
     stats = MomentStats(x.shape[1]).update(x)
     det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, data_coords=lambda d: d.project(x))
@@ -112,15 +113,16 @@ def evaluate(xs: dict[int, np.ndarray], y: np.ndarray, resp_len: np.ndarray, anc
         out.update(auroc=auroc(s, y), f1=f1, precision=p, recall=r, plain=auroc(plain, y), length=max(length, 1 - length),
                    unadapted=auroc(unadapted, y))
         if with_calibration:
-            out["calibrated"] = calibrated_auroc(xs, det, y, rng)
+            out["calibrated"] = calibrated_auroc(xs, det, y, rng, search=calibrate_search)
     return out
 
 
 def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray, rng: np.random.Generator,
-                     n_labels: int = 100) -> float:
-    """AUROC on the rows left after 100 random labelled rows were used by ``calibrate --layers 12,18,24 --variants
-    probe-full,probe-fused`` (the full-space probes: on the development half, searching the subspace variants too
-    picked a subspace probe on some draws and lost 0.03 on ``matched``; 20 harmful labels make that choice noisy)."""
+                     n_labels: int = 100, search: bool = False) -> float:
+    """AUROC on the rows left after 100 random labelled rows were used by ``saft-gx calibrate`` (its default: the
+    stack, probe-fused) or, with ``search``, ``--layers 12,18,24 --variants probe-full,probe-fused``. On the
+    development half the search lost 0.003–0.004 to the stack alone, and searching every variant 0.019 on
+    ``matched`` (a subspace probe won on some draws: ~20 harmful labels make the choice noisy)."""
     while True:
         lab = rng.choice(len(y), n_labels, replace=False)
         if 2 <= y[lab].sum() <= n_labels - 2:
@@ -128,6 +130,8 @@ def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray
     tok, d = defaults.TOKEN, xs[DEFAULT_LAYER].shape[1]
     vectors = {(tok, layer): x for layer, x in xs.items()}
     vectors[(tok, STACK)] = np.hstack([xs[layer] for layer in STACK])
+    if not search:
+        vectors = {(tok, STACK): vectors[(tok, STACK)]}
     stats = {key: MomentStats(x.shape[1]).update(x) for key, x in vectors.items()}
     priors = {}
     for key in vectors:  # the default detector's direction, placed at its layer's block
@@ -137,7 +141,8 @@ def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray
             i = where.index(DEFAULT_LAYER)
             w[i * d : (i + 1) * d] = default.direction()
             priors[key] = w
-    cal = calibrate(stats, {key: x[lab] for key, x in vectors.items()}, y[lab], variants=("probe-full", "probe-fused"),
+    cal = calibrate(stats, {key: x[lab] for key, x in vectors.items()}, y[lab],
+                    variants=("probe-full", "probe-fused") if search else ("probe-fused",),
                     target=ThresholdTarget("f1"), priors=priors)
     rest = np.setdiff1d(np.arange(len(y)), lab)
     return auroc(cal.detector.score(vectors[(tok, cal.chosen.layer)][rest]), y[rest])
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-calibration", action="store_true")
+    ap.add_argument("--calibrate-search", action="store_true", help="calibrated: search layers 12, 18, 24 and the "
+                    "stack × probe-full, probe-fused instead of the default (the stack, probe-fused)")
     ap.add_argument("--json", help="also write the per-mix results here")
     ap.add_argument("--tau", type=float, help="report flags at this probability instead of the default τ")
     args = ap.parse_args(argv)
@@ -196,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                 m = draw(harm, benign, lam, args.rows, rng)
                 sel = m.index.to_numpy()
                 r = evaluate({layer: x[sel] for layer, x in XS.items()}, y_all[sel], resp_len[sel], A, ya, rng,
-                             with_calibration=not args.no_calibration and lam == 0.2)
+                             with_calibration=not args.no_calibration,
+                             calibrate_search=args.calibrate_search)
                 r.update(mix=mix, lam=lam, seed=seed)
                 results.append(r)
                 for src, f, lab in zip(m.source, r.pop("flags"), m.label):
@@ -221,14 +229,15 @@ def main(argv: list[str] | None = None) -> None:
 def print_tables(res: pd.DataFrame, cats: dict[str, list[int]], seeds: int) -> None:
     print(f"\nmean over {seeds} seeds (min in brackets); AUROC of the default detector, of the anchors' probe before "
           "it is adapted to the data (--no-adapt), plain SAFT (unsupervised, same vectors), calibrated (100 labels, "
-          "λ = 0.2 only), and response length alone (max(AUROC, 1 − AUROC))")
+          "rows left out), and response length alone (max(AUROC, 1 − AUROC))")
     print("| mix | λ | default AUROC (min) | F1 | flagged (λ) | --no-adapt AUROC | plain SAFT AUROC | calibrated (100 labels) "
           "| length AUROC |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (mix, lam), g in res.groupby(["mix", "lam"], sort=True):
         if lam == 0:
             continue
-        cal = f"{g.calibrated.mean():.3f}" if "calibrated" in g and g.calibrated.notna().any() else "–"
+        cal = (f"{g.calibrated.mean():.3f} ({g.calibrated.min():.3f})" if "calibrated" in g and g.calibrated.notna().any()
+               else "–")
         print(f"| {mix} | {lam:g} | {g.auroc.mean():.3f} ({g.auroc.min():.3f}) | {g.f1.mean():.2f} | "
               f"{g.flagged.mean():.3f} ({lam:g}) | {g.unadapted.mean():.3f} | {g.plain.mean():.3f} | {cal} | "
               f"{g.length.mean():.3f} |")
