@@ -190,15 +190,16 @@ def add_detector(data: ReportData, directory: str | Path) -> None:
                         f"{data.facts['detector_id']}")
     if meta.get("threshold") is not None:
         data.threshold, data.threshold_source = float(meta["threshold"]), "the detector"
-    for key in ("layer", "token", "k", "variant", "form"):
+    for key in ("layer", "layers", "token", "k", "variant", "form"):
         if meta.get(key) is not None:
             data.facts[key] = meta[key]
     cal = meta.get("calibration")
-    if cal and cal.get("auroc_by_layer"):
+    if cal:
+        data.facts["calibration"] = {k: cal[k] for k in ("variant", "k", "cv_auroc", "threshold_rule") if k in cal}
+    if cal and any(cal.get("auroc_by_layer", {}).values()):
         data.by_layer = {tok: {int(layer): float(a) for layer, a in d.items()} for tok, d in cal["auroc_by_layer"].items()}
         data.by_layer_source = (f"out-of-fold AUROC on {cal.get('labelled_rows')} labelled rows during calibration "
                                 "(best variant and k per layer)")
-        data.facts["calibration"] = {k: cal[k] for k in ("variant", "k", "cv_auroc", "threshold_rule") if k in cal}
     if meta.get("anchors"):
         data.facts["anchors"] = meta["anchors"]
 
@@ -320,6 +321,9 @@ def write_report(data: ReportData, out_dir: str | Path, *, top: int = 20) -> Pat
         ax.set_title("AUROC by layer")
         ax.legend()
         save(fig, "auroc_by_layer")
+    elif data.facts.get("layers"):
+        notes["auroc_by_layer"] = (f"the detector reads layers {'+'.join(map(str, data.facts['layers']))} side by side; "
+                                   "its calibration compared no single layers (saft-gx calibrate --layers all does)")
     else:
         notes["auroc_by_layer"] = ("needs a calibrated detector (--detector), or labels and one stored detector per "
                                    "layer in the DuckDB table")

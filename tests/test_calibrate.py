@@ -352,12 +352,20 @@ def test_cli_calibrate_stack_is_scored_from_both_layers(tiny_model_dir, labelled
     scored = tmp_path / "scored.parquet"
     r2 = CliRunner().invoke(cli, ["score", str(data), "--detector", str(out), "--no-db", "--out", str(scored),
                                   "--model", str(tiny_model_dir)], catch_exceptions=False)
-    assert r2.exit_code == 0 and "0 embedded" in r2.output, r2.output
+    assert r2.exit_code == 0 and "0 embedded" in r2.output and "layers 2+4, token" in r2.output, r2.output
     df = pd.read_parquet(scored)
     det = Detector.load(out)
     again, _ = score_frame(df[["prompt", "response"]], detector=det, opts=EmbedOptions(model=str(tiny_model_dir)))
     np.testing.assert_allclose(again, df["harm_score"], rtol=1e-9)
     assert df["harm_score"].std() > 0
+    rep = tmp_path / "rep"
+    r4 = CliRunner().invoke(cli, ["report", "--scored", str(scored), "--labels", str(labels), "--detector", str(out),
+                                  "-o", str(rep)], catch_exceptions=False)
+    assert r4.exit_code == 0, r4.output
+    assert "reads layers 2+4 side by side" in (rep / "index.html").read_text()
+    r5 = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(tmp_path / "plain"),
+                                  "--model", str(tiny_model_dir), "--no-anchors"], catch_exceptions=False)
+    assert r5.exit_code == 0 and "stack 2+3 x probe-full" in r5.output, r5.output  # no anchors: nothing to blend
     bad = tmp_path / "bad"
     r3 = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(bad), "--model",
                                   str(tiny_model_dir), "--stack", "3"])

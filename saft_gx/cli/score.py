@@ -49,6 +49,12 @@ fit_options = stack_options(
 )
 
 
+def layers_phrase(meta: dict) -> str:
+    """"layer 18", or "layers 12+18+24" for a detector reading several side by side."""
+    layers = meta.get("layers")
+    return f"layers {'+'.join(map(str, layers))}" if layers else f"layer {meta.get('layer')}"
+
+
 def anchors_phrase(meta: dict) -> str:
     """`` (built-in anchors, adapted to 600 rows)`` / `` (built-in anchors; not adapted: <why>)`` / ``""``."""
     if not meta.get("anchors"):
@@ -209,7 +215,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     )
     truncation_notice(e.truncated, meta)
     click.echo(
-        f"layer {meta.get('layer')}, token {meta.get('token')}, k={result.detector.k}"
+        f"{layers_phrase(meta)}, token {meta.get('token')}, k={result.detector.k}"
         f"{', ' + meta['variant'] if meta.get('variant') else ''}{anchors_phrase(meta)}; "
         f"τ = {result.threshold:.6g} ({result.threshold_rule}); flagged {result.flagged} "
         f"({result.flagged / result.rows:.1%})"
