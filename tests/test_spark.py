@@ -65,6 +65,33 @@ def test_spark_engine_matches_local_engine(spark, tiny_model_dir, tmp_path, monk
     assert con.execute("select count(*), count(distinct row_id), sum(harm_flag::int) from rows").fetchone() == (N, N, N // 4)
 
 
+def test_spark_engine_scores_a_stacked_detector_like_the_local_engine(spark, tiny_model_dir, tmp_path):
+    """A calibrated detector reading layers 2 and 3 side by side: the executors embed both layers and score the
+    concatenation exactly as the local engine does."""
+    n = 48
+    df = pd.DataFrame({"id": [f"r{i}" for i in range(n)], "prompt": [f"question {i} about " + "rivers " * (i % 5)
+                                                                      for i in range(n)],
+                       "response": [f"answer {i} " + "stones " * (i % 7) for i in range(n)]})
+    data = tmp_path / "rows.parquet"
+    df.to_parquet(data, row_group_size=8)
+    labels = tmp_path / "labels.csv"
+    pd.DataFrame({"id": [f"r{i}" for i in range(0, 40, 2)], "label": [i % 2 for i in range(20)]}).to_csv(labels, index=False)
+    common = ["--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "c")]
+    r = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(tmp_path / "det"), *common,
+                                 "--quiet"], catch_exceptions=False)
+    assert r.exit_code == 0 and "stack 2+3" in r.output, r.output
+    outs = {}
+    for engine in ("spark", "local"):
+        out = tmp_path / f"{engine}.parquet"
+        r = CliRunner().invoke(cli, ["score", str(data), "--engine", engine, "--detector", str(tmp_path / "det"),
+                                     "--no-db", "--out", str(out), "--cache-dir", str(tmp_path / f"c-{engine}")],
+                               catch_exceptions=False)
+        assert r.exit_code == 0 and "layers 2+3" in r.output, r.output
+        outs[engine] = pd.read_parquet(out)
+    np.testing.assert_allclose(outs["spark"]["harm_score"], outs["local"]["harm_score"], rtol=1e-6, atol=1e-9)
+    assert outs["spark"]["harm_score"].std() > 0
+
+
 def test_spark_engine_errors_name_global_rows(spark, tiny_model_dir, tmp_path):
     df = pd.DataFrame({"prompt": [f"question {i}" for i in range(N)], "response": [f"answer {i}" for i in range(N)]})
     df.loc[33, "response"] = "  "
