@@ -12,7 +12,8 @@ from . import pipeline
 from .core import defaults
 from .detect.anchors import anchor_rows, fit_default
 from .io.cache import EmbeddingCache
-from .detect.calibrate import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_VARIANTS, Calibration, Key, ThresholdTarget, calibrate)
+from .detect.calibrate import (DEFAULT_FOLDS, DEFAULT_KS, DEFAULT_VARIANTS, Calibration, Key, ThresholdTarget, calibrate,
+                               prior_in)
 from .embedding.embed import EmbedConfig, Embedder
 from .core.errors import SaftError
 from .core.subspace import Detector, MomentStats
@@ -222,15 +223,9 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
             prior = fit_default(st[default_layer], anchor_vectors=lambda: cache.layer(default_layer).get(akeys),
                                 data_coords=lambda d: pipeline.coords_cached(ds, spec, cache, d, default_layer),
                                 adapt=session.adapt, meta={}).direction()
-            d = lm.hidden_size
             for key in stats:
-                if key[0] != token:
-                    continue
-                where = key[1] if isinstance(key[1], tuple) else (key[1],)
-                if default_layer in where:
-                    w = np.zeros(d * len(where))
-                    i = where.index(default_layer)
-                    w[i * d : (i + 1) * d] = prior
+                w = prior_in(key[1], prior, default_layer) if key[0] == token else None
+                if w is not None:
                     priors[key] = w
     meta = session.detector_meta(ds, spec)
     meta["labels"] = labels.source

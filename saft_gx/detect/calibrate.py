@@ -162,6 +162,19 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
     return det
 
 
+def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layer: int) -> np.ndarray | None:
+    """``direction`` (a detector's, at layer ``at_layer``) placed in the space of a candidate reading
+    ``key_layer`` (one layer or a stack): zeros on the other layers' blocks; None when it does not read that layer."""
+    where = key_layer if isinstance(key_layer, tuple) else (key_layer,)
+    if at_layer not in where:
+        return None
+    d = len(direction)
+    w = np.zeros(d * len(where))
+    i = where.index(at_layer)
+    w[i * d : (i + 1) * d] = direction
+    return w
+
+
 def _per_sd(w: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """``w`` scaled so that ⟨x, w⟩ has standard deviation 1 over the data."""
     sd = float(np.sqrt(max(w @ cov @ w, 0.0)))

@@ -43,7 +43,7 @@ import pandas as pd
 
 from saft_gx.core import defaults
 from saft_gx.detect.anchors import anchor_rows, fit_default
-from saft_gx.detect.calibrate import ThresholdTarget, calibrate
+from saft_gx.detect.calibrate import ThresholdTarget, calibrate, prior_in
 from saft_gx.core.metrics import auroc, precision_recall_f1
 from saft_gx.pipeline import EmbedOptions, Session, embed_into_cache
 from saft_gx.embedding.rows import Row
@@ -127,20 +127,14 @@ def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray
         lab = rng.choice(len(y), n_labels, replace=False)
         if 2 <= y[lab].sum() <= n_labels - 2:
             break
-    tok, d = defaults.TOKEN, xs[DEFAULT_LAYER].shape[1]
+    tok = defaults.TOKEN
     vectors = {(tok, layer): x for layer, x in xs.items()}
     vectors[(tok, STACK)] = np.hstack([xs[layer] for layer in STACK])
     if not search:
         vectors = {(tok, STACK): vectors[(tok, STACK)]}
     stats = {key: MomentStats(x.shape[1]).update(x) for key, x in vectors.items()}
-    priors = {}
-    for key in vectors:  # the default detector's direction, placed at its layer's block
-        where = key[1] if isinstance(key[1], tuple) else (key[1],)
-        if DEFAULT_LAYER in where:
-            w = np.zeros(d * len(where))
-            i = where.index(DEFAULT_LAYER)
-            w[i * d : (i + 1) * d] = default.direction()
-            priors[key] = w
+    priors = {key: prior_in(key[1], default.direction(), DEFAULT_LAYER) for key in vectors}
+    priors = {key: w for key, w in priors.items() if w is not None}
     cal = calibrate(stats, {key: x[lab] for key, x in vectors.items()}, y[lab],
                     variants=("probe-full", "probe-fused") if search else ("probe-fused",),
                     target=ThresholdTarget("f1"), priors=priors)
