@@ -169,14 +169,17 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
                       anchors: bool = True, target: ThresholdTarget = ThresholdTarget(), folds: int = DEFAULT_FOLDS,
                       stacks: list[tuple[int, ...]] = (),  # type: ignore[assignment]
                       progress: Callable[[int | None, str], Any] | None = None) -> tuple[Calibration, Any]:
-    """Embed ``ds`` once per token position, capturing every layer up to the deepest candidate in one forward
-    pass (cached per layer), then ``calibrate`` over (``layers`` and ``stacks``) × ``tokens``. With the anchors,
+    """Embed ``ds`` once per token position, capturing every layer it reads in one forward pass (cached per
+    layer), then ``calibrate`` over (``layers`` and ``stacks``) × ``tokens``. With the anchors,
     the default detector (anchors' probe at the default layer, adapted to ``ds``) is fitted too, as the prior of
     ``probe-fused``. Returns (calibration, embed summary)."""
 
     lm, base_cfg = session.lm, session.config
     default_layer = defaults.layer_for(lm.num_layers)
-    captured = tuple(range(1, max([*layers, *(max(st) for st in stacks)]) + 1))
+    # the layers read (candidates, stacks, the default detector's for probe-fused's prior), all in one forward pass
+    # up to the deepest; the others are not stored (24 layers would be 28 KB a row in the cache)
+    captured = tuple(sorted({*layers, *(layer for st in stacks for layer in st),
+                             *([default_layer] if anchors and "probe-fused" in variants else [])}))
     stats: dict[Key, MomentStats] = {}
     labelled: dict[Key, np.ndarray] = {}
     anchor_x: dict[Key, np.ndarray] = {}

@@ -74,7 +74,7 @@ def parse_stack(text: str, layers: list[int], num_layers: int) -> list[tuple[int
 @click.option("--id-column", help="Column matching labels to rows (default: id when both files have it, else row_id).")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Folder to write the detector into.")
 @click.option("--layers", "layers_text", help="Candidate single layers: none (default: the stack alone), all, a range "
-              "8-20 or a list 10,12,15. Every layer up to the deepest is captured in one forward pass and cached.")
+              "8-20 or a list 10,12,15. Every layer read is captured in one forward pass and cached.")
 @click.option("--stack", "stack_text", default="auto", show_default=True,
               help="Layers read side by side as one more candidate (probe-full / probe-fused only): a list like 12,18,24, "
                    "none, or auto: layers 12,18,24 of 30 (scaled to the model); alone by default, beside --layers "
@@ -130,8 +130,8 @@ def calibrate(dataset: str, labels_path: str | None, label_column: str, id_colum
     det.save(output)
     c = cal.chosen
     deepest = max([*layers, *(max(st) for st in stacks)])
-    click.echo(f"{summary.rows // len(tokens)} rows x {len(tokens)} token position(s), every layer to {deepest} "
-               f"captured ({summary.computed} embedded, {summary.rows - summary.computed} from cache); "
+    click.echo(f"{summary.rows // len(tokens)} rows x {len(tokens)} token position(s), the model run to layer {deepest} "
+               f"({summary.computed} embedded, {summary.rows - summary.computed} from cache); "
                f"candidates: {len(layers)} single layer(s){''.join(f' + stack {cal_mod.layer_label(st)}' for st in stacks)} "
                f"x {', '.join(variant_list)}; "
                f"{len(labels.rows)} labelled "
