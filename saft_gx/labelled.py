@@ -4,7 +4,7 @@ calibration search (``saft_gx.detect.calibrate``, pure NumPy) over a dataset. Th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -167,7 +167,7 @@ def row_keys_at(ds: Any, spec: Any, positions: np.ndarray) -> list[str]:
 def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layers: list[int], tokens: list[str],
                       ks: tuple[int, ...] = DEFAULT_KS, variants: tuple[str, ...] = DEFAULT_VARIANTS,
                       anchors: bool = True, target: ThresholdTarget = ThresholdTarget(), folds: int = DEFAULT_FOLDS,
-                      stacks: list[tuple[int, ...]] = (),  # type: ignore[assignment]
+                      stacks: Sequence[tuple[int, ...]] = (),
                       progress: Callable[[int | None, str], Any] | None = None) -> tuple[Calibration, Any]:
     """Embed ``ds`` once per token position, capturing every layer it reads in one forward pass (cached per
     layer), then ``calibrate`` over (``layers`` and ``stacks``) × ``tokens``. With the anchors,

@@ -142,6 +142,11 @@ def layer_tuple(layers: int | Sequence[int]) -> tuple[int, ...]:
     return (int(layers),) if isinstance(layers, (int, np.integer)) else tuple(int(x) for x in layers)
 
 
+def _side_by_side(caches: list, keys: list[str]) -> np.ndarray:
+    """(m, d · len(caches)): each row's vectors from the layer caches, concatenated in order."""
+    return caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
+
+
 def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers: int | Sequence[int], *,
                    frame_rows: int = 4096) -> Iterator[tuple[list[str], np.ndarray]]:
     """(content keys, (m, d) embeddings) of every frame of ``ds``, in row order, from the cache only; with
@@ -149,7 +154,7 @@ def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers:
     caches = [cache.layer(layer) for layer in layer_tuple(layers)]
     for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
         keys = [r.content_key() for r in rows_from_frame(df, spec, first)]
-        yield keys, caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
+        yield keys, _side_by_side(caches, keys)
 
 
 def score_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector: Detector, layers: int | Sequence[int], *,
@@ -428,7 +433,7 @@ def embed_rows(session: Session, rows: list, first_row_id: int = 0, flush_rows: 
             vecs = session.embedder.embed_tokenized([tokenized[j] for j in part])
             for li, lc in enumerate(caches):
                 lc.put([keys[missing[j]] for j in part], vecs[:, li, :])
-    return caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
+    return _side_by_side(caches, keys)
 
 
 def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Detector | None = None,

@@ -51,8 +51,8 @@ DEFAULT_VARIANTS = VARIANTS
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64)
 PROBE_C = 0.1  # inverse ridge strength on standardised coordinates; measured in tests/bench/detection.py
 DEFAULT_SHRINK = 0.1  # α in w_j = Δ_j / (λ_j + α·λ̄); measured in tests/bench/detection.py
-# weight of the default detector in ``probe-fused``; chosen on the benchmark's development half (0.5 was worse
-# with 20+ harmful labels, better with ~5: the labels deserve most of the say once there are a few dozen)
+# weight of the default detector in ``probe-fused``; chosen on the development half (exploring 0.25 and 0.5: 0.5 did better
+# with ~10 harmful labels, worse with 20+: once there are a few dozen, the labels deserve most of the say)
 FUSE_PRIOR_WEIGHT = 0.25
 DEFAULT_FOLDS = 5
 TARGETS = ("f1", "fpr", "recall", "remove_fraction")
