@@ -13,6 +13,13 @@ from saft_gx.detect.adapt import adapt_probe
 from saft_gx.detect.anchors import fit_default
 
 
+@pytest.fixture(autouse=True)
+def _subspace_probe_alone(monkeypatch):
+    """These tests are about adaptation: the blend that follows it (saft_gx/detect/blend.py) is off here and
+    tested in test_anchors.py."""
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.0)
+
+
 def _shifted(seed, n=1000, lam=0.1):
     """Data: harm shifts dims 0 and 1 (mostly 1). Anchors: harm shifts dim 0 only — written by others, they
     show the harm from a different angle than the data does."""

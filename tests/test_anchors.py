@@ -52,7 +52,8 @@ def _topic_data(seed=0, n=400, d=24):
     return x, y, xa
 
 
-def test_default_fit_is_a_probability_from_the_anchors_inside_the_data_subspace():
+def test_default_fit_is_a_probability_from_the_anchors_inside_the_data_subspace(monkeypatch):
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.0)  # the subspace probe alone (the blend: the next test)
     x, y, xa = _topic_data()
     ya = np.r_[np.ones(24), np.zeros(24)].astype(int)
     stats = MomentStats(x.shape[1]).update(x)
@@ -80,6 +81,23 @@ def test_default_fit_is_a_probability_from_the_anchors_inside_the_data_subspace(
     assert fit_default(small, anchor_vectors=lambda: xa, anchor_labels=ya).k == 8
 
 
+def test_default_fit_blends_a_probe_on_the_whole_state(monkeypatch):
+    """The default blends the subspace probe with a probe on every dimension fitted on the anchors: harm outside
+    the data's top directions, invisible to the subspace probe, is seen by the blend. One direction, a probability."""
+    x, y, xa = _topic_data()
+    ya = np.r_[np.ones(24), np.zeros(24)].astype(int)
+    stats = MomentStats(x.shape[1]).update(x)
+    det = fit_default(stats, k=1, anchor_vectors=lambda: xa, anchor_labels=ya)
+    assert det.k == 1 and det.form == "linear" and det.link == "logistic" and det.meta["subspace_k"] == 1
+    assert det.meta["blend"]["full_probe_weight"] == defaults.BLEND_WEIGHT == 0.5
+    p = det.score(x)
+    assert 0 <= p.min() and p.max() <= 1 and det.threshold == defaults.PROBABILITY_THRESHOLD
+    assert auroc(p, y) > 0.8  # measured 0.84; the subspace probe alone (k = 1: the topic) below 0.65
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.0)
+    alone = fit_default(stats, k=1, anchor_vectors=lambda: xa, anchor_labels=ya)
+    assert "blend" not in alone.meta and auroc(alone.score(x), y) < 0.65
+
+
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
     from saft_gx.cli import cli
 
@@ -90,9 +108,9 @@ def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_
     assert "probe (built-in anchors; not adapted: 12 rows, fewer than 500)" in r.output
     meta = json.loads((tmp_path / "da" / "detector.json").read_text())
     n_anchors = len(load_anchor_records())
-    assert meta["form"] == "linear" and meta["anchors"]["rows"] == n_anchors and meta["k"] == 11  # 12 rows: k ≤ 11
+    assert meta["form"] == "linear" and meta["anchors"]["rows"] == n_anchors and meta["subspace_k"] == 11  # k ≤ 12 − 1
     det = Detector.load(tmp_path / "da")
-    assert det.coef is not None and det.coef.shape == (11,)
+    assert det.k == 1 and det.coef is not None and det.coef.shape == (1,)  # blended: one direction
     # the default layer and token follow the mode: the anchored defaults here, plain SAFT's with --no-anchors
     assert (meta["layer"], meta["token"]) == (defaults.layer_for(4), defaults.TOKEN)
     assert f"probability of harm > {defaults.PROBABILITY_THRESHOLD:g}" in r.output

@@ -21,7 +21,10 @@ ADAPT_BOTTOM = 0.8  # ... its least suspicious 80 % as benign
 ADAPT_ROUNDS = 2
 ADAPT_MIN_ROWS = 500  # below this, 5 % is under 25 rows, too few to teach the probe (on our own 390-row pools
 #                       adapting raised the clean rows flagged from 1.5 % to 3.5 %): the anchors' probe is kept
-PROBABILITY_THRESHOLD = 0.92  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
+# blending the (adapted) probe with a probe on the whole hidden state fitted on the anchors (saft_gx/detect/blend.py)
+BLEND_WEIGHT = 0.5  # the whole-state probe's share, each logit in the data's standard deviations
+BLEND_C = 0.1  # its inverse ridge strength
+PROBABILITY_THRESHOLD = 0.97  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
 
 # saft-gx calibrate also tries a probe on several layers side by side (a "stack"), measured with
 # tests/bench/detection.py on the development half: 100 labels at layers 12+18+24 beat any one layer

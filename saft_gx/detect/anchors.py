@@ -24,6 +24,7 @@ import numpy as np
 
 from ..core import defaults
 from .adapt import adapt_probe
+from .blend import blend_full_probe
 from .calibrate import anchor_detector
 from ..core.errors import SaftError
 from ..embedding.rows import Row
@@ -90,5 +91,9 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
                else "fitted from statistics alone, without a pass over the rows" if data_coords is None
                else f"{stats.n} rows, fewer than {defaults.ADAPT_MIN_ROWS}")
     if why_not is not None:
-        return det.with_(meta={**det.meta, "adapted": False, "adapted_why_not": why_not})
-    return adapt_probe(det, data_coords(det), det.project(xa), y)
+        det = det.with_(meta={**det.meta, "adapted": False, "adapted_why_not": why_not})
+    else:
+        det = adapt_probe(det, data_coords(det), det.project(xa), y)
+    if variant == "probe" and defaults.BLEND_WEIGHT > 0:
+        det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT)
+    return det

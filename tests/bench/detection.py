@@ -154,9 +154,13 @@ def main(argv: list[str] | None = None) -> None:
                     "stack × probe-full, probe-fused instead of the default (the stack, probe-fused)")
     ap.add_argument("--json", help="also write the per-mix results here")
     ap.add_argument("--tau", type=float, help="report flags at this probability instead of the default τ")
+    ap.add_argument("--blend-weight", type=float, help="the whole-state probe's share in the default detector "
+                    f"(default {defaults.BLEND_WEIGHT:g}; 0: the subspace probe alone)")
     args = ap.parse_args(argv)
     if args.tau is not None:
         defaults.PROBABILITY_THRESHOLD = args.tau  # fit_default reads it at call time
+    if args.blend_weight is not None:
+        defaults.BLEND_WEIGHT = args.blend_weight
 
     t0 = time.perf_counter()
     if args.data:
