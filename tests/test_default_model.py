@@ -60,7 +60,7 @@ def test_harmful_rows_score_higher_on_the_default_model(default_lm, tmp_path):
     assert a >= MIN_AUROC, f"AUROC {a:.3f} (response-length baseline {length:.3f})"
 
 
-# The default detector (probe on the built-in anchors, prompt-end, layer 18; 75 rows: not adapted) scores 0.950-0.955 on
-# mixes of these pools (`python tests/bench/detection.py --seeds 5`, worst draw 0.926); a 75-row draw is noisier.
-# This draw measured 0.991, response-length baseline 0.504 (`pytest --runslow -s tests/test_default_model.py`).
+# The default detector (probe on the built-in anchors, prompt-end, layer 18, blended; 75 rows: not adapted) scores
+# 0.963-0.968 on mixes of these pools (`python tests/bench/detection.py --seeds 5`, worst draw 0.914); a 75-row draw is
+# noisier. This draw measured 0.994, response-length baseline 0.504 (`pytest --runslow -s tests/test_default_model.py`).
 MIN_AUROC = 0.88
