@@ -105,7 +105,7 @@ def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_
                                         catch_exceptions=False)
     r = run("--out", str(tmp_path / "a.parquet"), "--save-detector", str(tmp_path / "da"))
     assert r.exit_code == 0, r.output
-    assert "probe (built-in anchors; not adapted: 12 rows, fewer than 500)" in r.output
+    assert "k=11, probe (built-in anchors; not adapted: 12 rows, fewer than 500; blended with a whole-state probe)" in r.output
     meta = json.loads((tmp_path / "da" / "detector.json").read_text())
     n_anchors = len(load_anchor_records())
     assert meta["form"] == "linear" and meta["anchors"]["rows"] == n_anchors and meta["subspace_k"] == 11  # k ≤ 12 − 1

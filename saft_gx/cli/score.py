@@ -56,14 +56,21 @@ def layers_phrase(meta: dict) -> str:
 
 
 def anchors_phrase(meta: dict) -> str:
-    """`` (built-in anchors, adapted to 600 rows)`` / `` (built-in anchors; not adapted: <why>)`` / ``""``."""
+    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe)`` / `` (built-in anchors; not
+    adapted: <why>; …)`` / ``""``."""
     if not meta.get("anchors"):
         return ""
+    blended = "; blended with a whole-state probe" if meta.get("blend") else ""
     adapted = meta.get("adapted")
     if isinstance(adapted, dict):
-        return f" (built-in anchors, adapted to {adapted.get('rows')} rows)"
+        return f" (built-in anchors, adapted to {adapted.get('rows')} rows{blended})"
     why = meta.get("adapted_why_not")
-    return f" (built-in anchors; not adapted: {why})" if why else " (built-in anchors)"
+    return f" (built-in anchors; not adapted: {why}{blended})" if why else f" (built-in anchors{blended})"
+
+
+def k_of(det: Detector) -> int:
+    """The subspace's size (--k): a blended default detector stores one direction, read from k of them."""
+    return int(det.meta.get("subspace_k", det.k))
 
 
 @click.command()
@@ -120,7 +127,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
     truncation_notice(summary.truncated, det.meta)
     click.echo(
         f"fitted on {summary.rows} rows ({summary.computed} embedded, {summary.rows - summary.computed} from cache) "
-        f"at layer {session.layer}, token {session.config.token}, k={det.k}, {det.meta.get('variant')}"
+        f"at layer {session.layer}, token {session.config.token}, k={k_of(det)}, {det.meta.get('variant')}"
         f"{anchors_phrase(det.meta)}; τ = {det.threshold:.6g} ({rule_text})"
     )
     click.echo(f"detector {det.detector_id} written to {output}")
@@ -196,7 +203,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
                 "source": str(Path(dataset).resolve()), "source_sha256": result.source_sha256, "rows": result.rows,
                 "flagged": result.flagged, "threshold": result.threshold, "threshold_rule": result.threshold_rule,
                 "model": meta.get("model"), "model_fingerprint": meta.get("model_fingerprint"),
-                "layer": meta.get("layer"), "token": meta.get("token"), "k": result.detector.k})
+                "layer": meta.get("layer"), "token": meta.get("token"), "k": k_of(result.detector)})
         if out:
             outputs.publish(tmp_out, out)
         if save_detector:
@@ -215,7 +222,7 @@ def score(dataset: str, detector: str | None, db: str, no_db: bool, table: str |
     )
     truncation_notice(e.truncated, meta)
     click.echo(
-        f"{layers_phrase(meta)}, token {meta.get('token')}, k={result.detector.k}"
+        f"{layers_phrase(meta)}, token {meta.get('token')}, k={k_of(result.detector)}"
         f"{', ' + meta['variant'] if meta.get('variant') else ''}{anchors_phrase(meta)}; "
         f"τ = {result.threshold:.6g} ({result.threshold_rule}); flagged {result.flagged} "
         f"({result.flagged / result.rows:.1%})"

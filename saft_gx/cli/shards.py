@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..shards import detector_from_stats, merge_stats
-from .score import fit_options
+from .score import fit_options, k_of
 
 
 @click.command("merge-stats")
@@ -29,7 +29,7 @@ def merge_stats_command(stats: tuple[str, ...], output: str, k: int | None, weig
                               threshold=threshold, adapt=adapt)
     det.save(output)
     click.echo(f"merged {len(metas)} statistics ({total.n} rows) at layer {det.meta.get('layer')}, "
-               f"token {det.meta.get('token')}, k={det.k}, {det.meta.get('variant')}")
+               f"token {det.meta.get('token')}, k={k_of(det)}, {det.meta.get('variant')}")
     click.echo(f"detector {det.detector_id} written to {output}")
 
 

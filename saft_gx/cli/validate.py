@@ -53,6 +53,7 @@ def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None,
     cols = column_options(kw["column"], kw.get("response_column"), is_messages_column(kw["column"], df[kw["column"]]))
     table = table or store.table_name_for(dataset)
     from ..core.outputs import temp_file
+    from .score import k_of
 
     tmp = temp_file(Path(db).resolve().parent, ".parquet")  # a killed run's temp is removed by the next
     try:
@@ -63,7 +64,7 @@ def _store_scores(dataset: str, df: Any, suite: Any, db: str, table: str | None,
             "source": str(Path(dataset).resolve()), "source_sha256": res.source_sha256, "rows": res.rows,
             "flagged": res.flagged, "threshold": res.threshold, "threshold_rule": res.threshold_rule,
             "model": meta.get("model"), "model_fingerprint": meta.get("model_fingerprint"), "layer": meta.get("layer"),
-            "token": meta.get("token"), "k": res.detector.k})
+            "token": meta.get("token"), "k": k_of(res.detector)})
     finally:
         Path(tmp).unlink(missing_ok=True)
     return f"scores stored in {db}, table {table} (detector_id {res.detector.detector_id}, {res.flagged} of {res.rows} flagged)"
