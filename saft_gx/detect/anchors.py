@@ -70,7 +70,8 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     ``anchor_labels`` their labels (default: the built-in anchors').
     ``data_coords(det)`` returns the dataset's (n, k) coordinates in ``det``'s subspace (one more pass over the
     rows); with it and ``adapt``, the probe is adapted to the data (``adapt.adapt_probe``) when the data has at
-    least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not.
+    least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not. The probe is then blended
+    with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not).
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
     meta = dict(meta or {})
