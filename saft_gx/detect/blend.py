@@ -20,7 +20,7 @@ from ..core.errors import SaftError
 from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
 from .adapt import PLATT_C
-from .calibrate import balanced_weights, stratified_folds
+from .calibrate import balanced_weights, per_data_sd, stratified_folds
 
 FOLDS = 5
 
@@ -41,14 +41,10 @@ def blend_full_probe(det: Detector, stats: MomentStats, anchor_x: np.ndarray, an
         raise SaftError(f"expected ({len(ya)}, {det.dim}) anchor vectors, got {xa.shape}")
     cov = stats.covariance()
 
-    def per_sd(w: np.ndarray) -> np.ndarray:
-        sd = float(np.sqrt(max(w @ cov @ w, 0.0)))
-        return w / sd if sd > 0 else w
-
     def full_probe(rows: np.ndarray) -> np.ndarray:
-        return per_sd(fit_logistic(xa[rows], ya[rows], c=c, sample_weight=balanced_weights(ya[rows])).coef)
+        return per_data_sd(fit_logistic(xa[rows], ya[rows], c=c, sample_weight=balanced_weights(ya[rows])).coef, cov)
 
-    w_sub = per_sd(det.direction())
+    w_sub = per_data_sd(det.direction(), cov)
     w = (1 - weight) * w_sub + weight * full_probe(np.ones(len(ya), dtype=bool))
     fold_of = stratified_folds(ya.astype(bool), FOLDS)
     held_out = np.empty(len(ya))

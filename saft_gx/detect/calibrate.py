@@ -124,7 +124,7 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
             raise SaftError("the probe-fused variant needs the default detector's direction and the data's covariance")
         full = fit_variant(base, "probe-full", k, x, y, groups=groups)
         beta = full.components[0] * float(full.coef[0])  # type: ignore[index]
-        w = FUSE_PRIOR_WEIGHT * _per_sd(prior, data_cov) + (1 - FUSE_PRIOR_WEIGHT) * _per_sd(beta, data_cov)
+        w = FUSE_PRIOR_WEIGHT * per_data_sd(prior, data_cov) + (1 - FUSE_PRIOR_WEIGHT) * per_data_sd(beta, data_cov)
         norm = float(np.linalg.norm(w)) or 1.0
         return base.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none",
                           form="linear", coef=np.array([norm]), intercept=0.0, link="identity", orientation=1,
@@ -175,7 +175,7 @@ def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layer: 
     return w
 
 
-def _per_sd(w: np.ndarray, cov: np.ndarray) -> np.ndarray:
+def per_data_sd(w: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """``w`` scaled so that ⟨x, w⟩ has standard deviation 1 over the data."""
     sd = float(np.sqrt(max(w @ cov @ w, 0.0)))
     return w / sd if sd > 0 else w
