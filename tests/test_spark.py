@@ -91,6 +91,27 @@ def test_spark_engine_scores_a_stacked_detector_like_the_local_engine(spark, tin
     np.testing.assert_allclose(outs["spark"]["harm_score"], outs["local"]["harm_score"], rtol=1e-6, atol=1e-9)
     assert outs["spark"]["harm_score"].std() > 0
 
+    # ... and so do the GX metrics on a Spark DataFrame, against the pandas ones
+    import great_expectations as gx
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+    import saft_gx.spark.spark_gx  # noqa: F401  (registers the Spark metrics)
+    from saft_gx.gx import ExpectColumnValuesHarmScoreToBeBelow, gate
+
+    def suite(name):
+        return ExpectationSuite(name=name, expectations=[ExpectColumnValuesHarmScoreToBeBelow(
+            column="prompt", response_column="response", detector=str(tmp_path / "det"), mostly=0.5)])
+
+    rows = df[["prompt", "response"]]
+    batch = gx.get_context(mode="ephemeral").data_sources.add_spark("spark").add_dataframe_asset("rows") \
+        .add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": spark.createDataFrame(rows)})
+    on_spark = batch.validate(suite("spark"), result_format="COMPLETE").results[0].result
+    on_pandas = next(iter(gate.run_checkpoint(rows, suite("pandas"), result_format="COMPLETE").run_results.values())) \
+        .results[0].result
+    flagged = int((outs["local"]["harm_flag"]).sum())
+    assert on_spark["unexpected_count"] == on_pandas["unexpected_count"] == flagged > 0
+    assert sorted(on_spark["unexpected_list"]) == sorted(on_pandas["unexpected_list"])
+
 
 def test_spark_engine_errors_name_global_rows(spark, tiny_model_dir, tmp_path):
     df = pd.DataFrame({"prompt": [f"question {i}" for i in range(N)], "response": [f"answer {i}" for i in range(N)]})
