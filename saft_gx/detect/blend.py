@@ -20,7 +20,7 @@ from ..core.errors import SaftError
 from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
 from .adapt import PLATT_C
-from .calibrate import balanced_weights, per_data_sd, stratified_folds
+from .calibrate import balanced_weights, one_direction, per_data_sd, stratified_folds
 
 FOLDS = 5
 
@@ -53,8 +53,7 @@ def blend_full_probe(det: Detector, stats: MomentStats, anchor_x: np.ndarray, an
         held_out[test] = xa[test] @ full_probe(~test)
     anchor_scores = (1 - weight) * (xa @ w_sub) + weight * held_out
     platt = fit_logistic(anchor_scores[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
-    slope, norm = float(platt.coef[0]), float(np.linalg.norm(w)) or 1.0
-    return det.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none", form="linear",
-                     coef=np.array([slope * norm]), intercept=float(platt.intercept), orientation=1, link="logistic",
-                     meta={**det.meta, "subspace_k": det.k,
-                           "blend": {"full_probe_weight": weight, "c": c, "platt_slope": round(slope, 4)}})
+    slope = float(platt.coef[0])
+    return one_direction(det, w, scale=slope, intercept=platt.intercept, link="logistic",
+                         meta={**det.meta, "subspace_k": det.k,
+                               "blend": {"full_probe_weight": weight, "c": c, "platt_slope": round(slope, 4)}})

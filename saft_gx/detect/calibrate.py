@@ -125,10 +125,7 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
         full = fit_variant(base, "probe-full", k, x, y, groups=groups)
         beta = full.components[0] * float(full.coef[0])  # type: ignore[index]
         w = FUSE_PRIOR_WEIGHT * per_data_sd(prior, data_cov) + (1 - FUSE_PRIOR_WEIGHT) * per_data_sd(beta, data_cov)
-        norm = float(np.linalg.norm(w)) or 1.0
-        return base.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none",
-                          form="linear", coef=np.array([norm]), intercept=0.0, link="identity", orientation=1,
-                          threshold=None)
+        return one_direction(base, w, threshold=None)
     if variant == "probe-full":
         if x is None or y is None:
             raise SaftError("the probe-full variant needs labelled rows")
@@ -138,10 +135,7 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
             own = np.asarray(groups) == 0
             x, y = x[own], y[own]
         fit = fit_logistic(x - base.mean, y, c=PROBE_C, sample_weight=balanced_weights(y))
-        norm = float(np.linalg.norm(fit.coef)) or 1.0
-        return base.with_(components=(fit.coef / norm)[None, :], singular_values=np.zeros(1), weighting="none",
-                          form="linear", coef=np.array([norm]), intercept=fit.intercept, link="logistic",
-                          orientation=1, threshold=None)
+        return one_direction(base, fit.coef, intercept=fit.intercept, link="logistic", threshold=None)
     det = top(base, k)
     if variant == "probe":
         if x is None or y is None:
@@ -160,6 +154,15 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
     if x is not None and y is not None:
         det = orient(det, x, y)
     return det
+
+
+def one_direction(det: Detector, w: np.ndarray, *, scale: float = 1.0, intercept: float = 0.0,
+                  link: str = "identity", **changes: Any) -> Detector:
+    """``det`` (its mean) reading one direction: score = link(scale·⟨x − μ, w⟩ + intercept), stored as the unit
+    vector w/‖w‖ with weight scale·‖w‖ (the full-space probes and the blends are all of this form)."""
+    norm = float(np.linalg.norm(w)) or 1.0
+    return det.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none", form="linear",
+                     coef=np.array([scale * norm]), intercept=float(intercept), link=link, orientation=1, **changes)
 
 
 def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layer: int) -> np.ndarray | None:
@@ -402,7 +405,9 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
     bases: dict[Key, Detector] = {}
     best: tuple[tuple, Trial, np.ndarray] | None = None
     fit_kw: dict[Key, dict[str, Any]] = {}
-    for key in sorted(stats, key=lambda kk: (kk[0], isinstance(kk[1], tuple), str(kk[1]))):
+    # single layers first, in numeric order (ties keep the shallower layer, as before stacks), then stacks
+    for key in sorted(stats, key=lambda kk: (kk[0], isinstance(kk[1], tuple),
+                                             kk[1] if isinstance(kk[1], tuple) else (kk[1],))):
         st = stats[key]
         kmax = min(max(ks), st.dim, st.n - 1)
         base = Detector.fit(st, k=kmax)
