@@ -171,15 +171,16 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
                       progress: Callable[[int | None, str], Any] | None = None) -> tuple[Calibration, Any]:
     """Embed ``ds`` once per token position, capturing every layer it reads in one forward pass (cached per
     layer), then ``calibrate`` over (``layers`` and ``stacks``) × ``tokens``. With the anchors,
-    the default detector (anchors' probe at the default layer, adapted to ``ds``) is fitted too, as the prior of
+    the default detector (on the default stack of layers, adapted to ``ds``) is fitted too, as the prior of
     ``probe-fused``. Returns (calibration, embed summary)."""
 
     lm, base_cfg = session.lm, session.config
-    default_layer = defaults.layer_for(lm.num_layers)
-    # the layers read (candidates, stacks, the default detector's for probe-fused's prior), all in one forward pass
-    # up to the deepest; the others are not stored (24 layers would be 28 KB a row in the cache)
-    captured = tuple(sorted({*layers, *(layer for st in stacks for layer in st),
-                             *([default_layer] if anchors and "probe-fused" in variants else [])}))
+    fused = anchors and "probe-fused" in variants
+    default_stack = defaults.stack_for(lm.num_layers)  # the default detector's layers: probe-fused's prior
+    # the layers read (candidates, stacks, the default detector's), all in one forward pass up to the deepest;
+    # the others are not stored (24 layers would be 28 KB a row in the cache)
+    captured = tuple(sorted({*layers, *(layer for st in stacks for layer in st), *(default_stack if fused else ())}))
+    stacked = list(dict.fromkeys([*stacks, *([default_stack] if fused and len(default_stack) > 1 else [])]))
     stats: dict[Key, MomentStats] = {}
     labelled: dict[Key, np.ndarray] = {}
     anchor_x: dict[Key, np.ndarray] = {}
@@ -195,7 +196,8 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
         cache = EmbeddingCache(session.cache.root, model_fingerprint=lm.fingerprint, token=token,
                                max_tokens=cfg.max_tokens, overlong=cfg.overlong, dim=lm.hidden_size)
         caches[token] = cache
-        st = {layer: MomentStats(lm.hidden_size) for layer in captured}
+        st: dict[int | tuple[int, ...], MomentStats] = {layer: MomentStats(lm.hidden_size) for layer in captured}
+        st.update({stack: MomentStats(lm.hidden_size * len(stack)) for stack in stacked})
         bar = progress(ds.num_rows, f"embedding ({token})") if progress else None
         try:
             summary = pipeline.embed_dataset(ds, spec, embedder, cache, stats=st, progress=bar or (lambda n: None))
@@ -216,21 +218,23 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
             if anchors:
                 anchor_x[(token, layer)] = cache.layer(layer).get(akeys)
         for stack in stacks:
-            stats[(token, stack)] = MomentStats(lm.hidden_size * len(stack))
-            for _keys, x in pipeline.cached_vectors(ds, spec, cache, stack):
-                stats[(token, stack)].update(x)
+            stats[(token, stack)] = st[stack]
             labelled[(token, stack)] = np.hstack([cache.layer(layer).get(keys) for layer in stack])
             if anchors:
                 anchor_x[(token, stack)] = np.hstack([cache.layer(layer).get(akeys) for layer in stack])
-        if anchors and "probe-fused" in variants:
-            prior = fit_default(st[default_layer], anchor_vectors=lambda: cache.layer(default_layer).get(akeys),
-                                data_coords=lambda d: pipeline.coords_cached(ds, spec, cache, d, default_layer),
-                                adapt=session.adapt, meta={}).direction()
+        if fused:
+            dkey = default_stack if len(default_stack) > 1 else default_stack[0]
+            dmeta = pipeline.embedding_meta(lm, default_stack, token, cfg.max_tokens, cfg.overlong)
+            prior = fit_default(st[dkey], meta=dmeta,
+                                anchor_vectors=lambda: pipeline.stacked(cache, default_stack, akeys),
+                                data_coords=lambda d: pipeline.coords_cached(ds, spec, cache, d, default_stack),
+                                adapt=session.adapt).direction()
             for key in stats:
-                w = prior_in(key[1], prior, default_layer) if key[0] == token else None
+                w = prior_in(key[1], prior, default_stack) if key[0] == token else None
                 if w is not None:
                     priors[key] = w
     meta = session.detector_meta(ds, spec)
+    meta.pop("subspace_layer", None)  # the default detector's; a calibrated one reads all its layers
     meta["labels"] = labels.source
 
     def data_scores(det: Detector, key: Key) -> np.ndarray:

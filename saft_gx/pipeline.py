@@ -74,10 +74,11 @@ class EmbedSummary:
 
 
 def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: EmbeddingCache, *,
-                  stats: dict[int, MomentStats] | None = None, progress: Progress = _null_progress,
+                  stats: dict[int | tuple[int, ...], MomentStats] | None = None, progress: Progress = _null_progress,
                   frame_rows: int = 4096, flush_rows: int = 512) -> EmbedSummary:
     """Pass 1: make sure every row's embedding is in the cache; optionally accumulate fit statistics
-    per layer from the cached (float16-rounded) vectors, so fit and score see identical numbers.
+    per layer, or per stack of layers read side by side (a tuple key), from the cached (float16-rounded) vectors,
+    so fit and score see identical numbers.
 
     ``flush_rows`` bounds the work a kill can lose."""
     layers = embedder.config.layers
@@ -101,8 +102,8 @@ def embed_dataset(ds: Dataset, spec: ColumnSpec, embedder: Embedder, cache: Embe
                 progress(len(part))
             summary.computed += len(missing)
         if stats is not None:
-            for layer in layers:
-                stats[layer].update(cache.layer(layer).get(keys))
+            for key, st in stats.items():
+                st.update(stacked(cache, key, keys))
         summary.rows += n_rows
     if summary.rows == 0:
         raise SaftError(f"{ds.path}: the dataset has no rows")
@@ -145,6 +146,11 @@ def layer_tuple(layers: int | Sequence[int]) -> tuple[int, ...]:
 def _side_by_side(caches: list, keys: list[str]) -> np.ndarray:
     """(m, d · len(caches)): each row's vectors from the layer caches, concatenated in order."""
     return caches[0].get(keys) if len(caches) == 1 else np.hstack([lc.get(keys) for lc in caches])
+
+
+def stacked(cache: EmbeddingCache, layers: int | Sequence[int], keys: list[str]) -> np.ndarray:
+    """(m, d · layers): the cached vectors of ``keys`` at ``layers``, side by side."""
+    return _side_by_side([cache.layer(layer) for layer in layer_tuple(layers)], keys)
 
 
 def cached_vectors(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers: int | Sequence[int], *,
@@ -302,17 +308,29 @@ class Session:
 
     def detector_meta(self, ds: Dataset, spec: ColumnSpec) -> dict[str, Any]:
         return {
-            "model": self.lm.model_ref,
-            "model_fingerprint": self.lm.fingerprint,
-            "layer": self.layer,
-            **({"layers": list(self.layers)} if len(self.layers) > 1 else {}),
-            "token": self.config.token,
-            "max_tokens": self.config.max_tokens,
-            "overlong": self.config.overlong,
+            **embedding_meta(self.lm, self.layers, self.config.token, self.config.max_tokens, self.config.overlong),
             "fitted_on": str(ds.path.name),
             "columns": spec.to_dict(),
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+def embedding_meta(lm: LoadedModel, layers: Sequence[int], token: str, max_tokens: int, overlong: str) -> dict[str, Any]:
+    """The detector metadata that says how rows were embedded (checked before a detector scores other rows);
+    a stack that holds the default layer names it ``subspace_layer``: the default probe's subspace is that layer's
+    (``anchors.subspace_columns``)."""
+    layers = layer_tuple(layers)
+    sub = defaults.layer_for(lm.num_layers)
+    return {
+        "model": lm.model_ref,
+        "model_fingerprint": lm.fingerprint,
+        "layer": max(layers),
+        **({"layers": list(layers)} if len(layers) > 1 else {}),
+        **({"subspace_layer": sub} if len(layers) > 1 and sub in layers else {}),
+        "token": token,
+        "max_tokens": max_tokens,
+        "overlong": overlong,
+    }
 
 
 def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | None = None) -> EmbedOptions:
@@ -322,10 +340,18 @@ def resolve_options(opts: EmbedOptions, lm: LoadedModel, detector: Detector | No
     meta = detector.meta if detector is not None else {}
     if detector is not None:
         check_detector_matches(detector, lm, opts)
-    layer = int(opts.layer or meta.get("layer") or defaults.layer_for(lm.num_layers, anchors=opts.anchors and detector is None))
+    anchored = opts.anchors and detector is None
+    # the default detector reads a stack of layers; --layer (or --no-anchors) reads one
+    if opts.layers or meta.get("layers"):
+        layers = layer_tuple(opts.layers or meta["layers"])
+    elif opts.layer or meta.get("layer"):
+        layers = (int(opts.layer or meta["layer"]),)
+    else:
+        layers = defaults.stack_for(lm.num_layers) if anchored else (defaults.layer_for(lm.num_layers, anchors=False),)
+    layer = int(opts.layer or meta.get("layer") or max(layers))
     return replace(
-        opts, model=lm.model_ref, layer=layer, layers=layer_tuple(opts.layers or meta.get("layers") or (layer,)),
-        token=opts.token or meta.get("token") or defaults.token_for(anchors=opts.anchors and detector is None),
+        opts, model=lm.model_ref, layer=layer, layers=layers,
+        token=opts.token or meta.get("token") or defaults.token_for(anchors=anchored),
         max_tokens=int(meta.get("max_tokens", opts.max_tokens)) if detector is not None else opts.max_tokens,
         overlong=meta.get("overlong", opts.overlong) if detector is not None else opts.overlong,
     )
@@ -346,9 +372,9 @@ def fit_stats(session: Session, ds: Dataset, spec: ColumnSpec, *,
               progress: Progress = _null_progress) -> tuple[MomentStats, EmbedSummary]:
     """Embed (through the cache) and return the fit statistics of ``ds``'s rows: one shard's share of a
     sharded fit, merged with the others by ``shards.merge_stats``."""
-    stats = {session.layer: MomentStats(session.lm.hidden_size)}
+    stats = {session.layers: MomentStats(session.lm.hidden_size * len(session.layers))}
     summary = embed_dataset(ds, spec, session.embedder, session.cache, stats=stats, progress=progress)
-    return stats[session.layer], summary
+    return stats[session.layers], summary
 
 
 def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int | None = None, weighting: str | None = None,
@@ -455,9 +481,8 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
     x = embed_rows(session, rows)
     if detector is None:
         stats = MomentStats(x.shape[1]).update(x)
-        meta = {"model": session.lm.model_ref, "model_fingerprint": session.lm.fingerprint, "layer": session.layer,
-                "token": session.config.token, "max_tokens": session.config.max_tokens,
-                "overlong": session.config.overlong, "columns": spec.to_dict()}
+        meta = {**embedding_meta(session.lm, session.layers, session.config.token, session.config.max_tokens,
+                                 session.config.overlong), "columns": spec.to_dict()}
         detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
                                     data_coords=lambda d: d.project(x))
     return detector.score(x), detector
@@ -482,7 +507,7 @@ def session_anchor_vectors(session: Session) -> np.ndarray:
     """The built-in anchors embedded by ``session`` (its model, layer, token position and cache), in anchor order;
     a separate Embedder, so the session's counters keep counting dataset rows only."""
     keys = embed_into_cache(Embedder(session.lm, session.config), session.cache, anchor_rows()[0])
-    return session.cache.layer(session.layer).get(keys)
+    return stacked(session.cache, session.layers, keys)
 
 
 def fit_with_session(session: Session, stats: MomentStats, *, k: int | None = None, weighting: str | None = None,

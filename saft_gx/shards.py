@@ -33,7 +33,7 @@ from .core.subspace import Detector, MomentStats, atomic_write
 STATS_TENSORS = "stats.safetensors"
 STATS_META = "stats.json"
 # statistics merge only when these describe the same embedding
-EMBEDDING_KEYS = ("model_fingerprint", "layer", "token", "max_tokens", "overlong")
+EMBEDDING_KEYS = ("model_fingerprint", "layer", "layers", "token", "max_tokens", "overlong")
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,7 @@ def detector_from_stats(stats: MomentStats, metas: list[dict[str, Any]], *, k: i
 
     first = metas[0]
     sources = sorted({str(m.get("source")) for m in metas})
-    meta = {key: first.get(key) for key in ("model", *EMBEDDING_KEYS, "columns")}
+    meta = {key: first[key] for key in ("model", *EMBEDDING_KEYS, "subspace_layer", "columns") if key in first}
     meta.update({
         "fitted_on": sources[0] if len(sources) == 1 else sources,
         "shards": len(metas),

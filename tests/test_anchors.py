@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from saft_gx import Detector, MomentStats
+from saft_gx import Detector, MomentStats, SaftError
 from saft_gx.core import defaults
 from saft_gx.detect.anchors import ANCHORS_LICENSE, anchor_rows, fit_default, load_anchor_records
 from saft_gx.core.metrics import auroc
@@ -98,6 +98,32 @@ def test_default_fit_blends_a_probe_on_the_whole_state(monkeypatch):
     assert "blend" not in alone.meta and auroc(alone.score(x), y) < 0.65
 
 
+def test_default_fit_on_a_stack_takes_the_subspace_from_one_layer(monkeypatch):
+    """Vectors that are two layers side by side (``meta["layers"]``): the subspace probe reads only the block of
+    ``meta["subspace_layer"]`` — exactly the detector fitted on that layer alone —, the blend reads both blocks."""
+    x, y, xa = _topic_data()
+    ya = np.r_[np.ones(24), np.zeros(24)].astype(int)
+    rng = np.random.default_rng(5)
+    other, other_a = rng.normal(size=x.shape) * 4.0, rng.normal(size=xa.shape) * 4.0  # a noisier second layer
+    wide, wide_a = np.hstack([other, x]), np.hstack([other_a, xa])
+    meta = {"layers": [1, 2], "subspace_layer": 2}
+    st = MomentStats(wide.shape[1]).update(wide)
+    assert np.allclose(st.columns(24, 48).outer, MomentStats(24).update(x).outer)
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.0)
+    alone = fit_default(MomentStats(24).update(x), k=4, anchor_vectors=lambda: xa, anchor_labels=ya)
+    stacked = fit_default(st, k=4, anchor_vectors=lambda: wide_a, anchor_labels=ya, meta=meta)
+    assert stacked.dim == 48 and not stacked.components[:, :24].any()
+    np.testing.assert_allclose(stacked.score(wide), alone.score(x), rtol=1e-9)
+    # the whole-stack fit would take its top directions from the noisier layer and lose the harm
+    whole = fit_default(st, k=4, anchor_vectors=lambda: wide_a, anchor_labels=ya)
+    assert auroc(whole.score(wide), y) < auroc(stacked.score(wide), y) - 0.2
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
+    blended = fit_default(st, k=4, anchor_vectors=lambda: wide_a, anchor_labels=ya, meta=meta)
+    assert blended.direction()[:24].any() and blended.meta["subspace_k"] == 4  # the blend reads both layers
+    with pytest.raises(SaftError, match="subspace layer 3"):
+        fit_default(st, anchor_vectors=lambda: wide_a, anchor_labels=ya, meta={"layers": [1, 2], "subspace_layer": 3})
+
+
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
     from saft_gx.cli import cli
 
@@ -112,7 +138,9 @@ def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_
     det = Detector.load(tmp_path / "da")
     assert det.k == 1 and det.coef is not None and det.coef.shape == (1,)  # blended: one direction
     # the default layer and token follow the mode: the anchored defaults here, plain SAFT's with --no-anchors
-    assert (meta["layer"], meta["token"]) == (defaults.layer_for(4), defaults.TOKEN)
+    # (anchored: a stack of layers read side by side, the probe's subspace from the default layer among them)
+    assert (meta["layers"], meta["subspace_layer"], meta["token"]) == ([2, 3], defaults.layer_for(4), defaults.TOKEN)
+    assert defaults.stack_for(4) == (2, 3) and meta["layer"] == 3 and det.dim == 2 * 32  # two layers of 32
     assert f"probability of harm > {defaults.PROBABILITY_THRESHOLD:g}" in r.output
 
     r = run("--out", str(tmp_path / "b.parquet"), "--save-detector", str(tmp_path / "db"), "--no-anchors")

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from saft_gx import Detector, MomentStats, SaftError
 from saft_gx.detect.calibrate import (ThresholdTarget, anchor_detector, calibrate, fit_variant, stratified_folds,
-                               target_from_options)
+                               prior_in, target_from_options)
 from saft_gx.labelled import labels_from_column, labels_from_file, parse_labels
 from saft_gx.core.metrics import auroc
 from saft_gx.io.readers import open_dataset
@@ -334,25 +334,26 @@ def test_probe_fused_blends_the_default_detectors_direction_with_the_labels():
 
 
 def test_cli_calibrate_stack_is_scored_from_both_layers(tiny_model_dir, labelled_parquet, tmp_path):
-    """`calibrate --stack 2,4`: the detector reads layers 2 and 4 side by side; `score --detector` and the in-memory
+    """`calibrate --stack 2,3,4`: the detector reads layers 2, 3 and 4 side by side; `score --detector` and the in-memory
     path (GX) read the same two layers from the cache and agree."""
     from saft_gx.cli import cli
     from saft_gx.pipeline import EmbedOptions, score_frame
 
     data, labels = labelled_parquet
     out = tmp_path / "det"
-    # layer 4 alone has no prior (the default detector sits at layer 2), so the stack is the only candidate
+    # layer 4 alone has no prior (the default detector reads layers 2+3), so the stack is the only candidate
     r = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(out), "--model",
-                                 str(tiny_model_dir), "--layers", "4", "--stack", "2,4", "--variants", "probe-fused"],
+                                 str(tiny_model_dir), "--layers", "4", "--stack", "2,3,4", "--variants", "probe-fused"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
-    assert "stack 2+4" in r.output and "chosen: layer 2+4" in r.output
+    assert "stack 2+3+4" in r.output and "chosen: layer 2+3+4" in r.output
     meta = json.loads((out / "detector.json").read_text())
-    assert meta["layers"] == [2, 4] and meta["layer"] == 4 and meta["dim"] == 64 and meta["variant"] == "probe-fused"
+    assert meta["layers"] == [2, 3, 4] and meta["layer"] == 4 and meta["dim"] == 96 and meta["variant"] == "probe-fused"
+    assert "subspace_layer" not in meta  # the default detector's; a calibrated one reads every layer it names
     scored = tmp_path / "scored.parquet"
     r2 = CliRunner().invoke(cli, ["score", str(data), "--detector", str(out), "--no-db", "--out", str(scored),
                                   "--model", str(tiny_model_dir)], catch_exceptions=False)
-    assert r2.exit_code == 0 and "0 embedded" in r2.output and "layers 2+4, token" in r2.output, r2.output
+    assert r2.exit_code == 0 and "0 embedded" in r2.output and "layers 2+3+4, token" in r2.output, r2.output
     df = pd.read_parquet(scored)
     det = Detector.load(out)
     again, _ = score_frame(df[["prompt", "response"]], detector=det, opts=EmbedOptions(model=str(tiny_model_dir)))
@@ -362,7 +363,7 @@ def test_cli_calibrate_stack_is_scored_from_both_layers(tiny_model_dir, labelled
     r4 = CliRunner().invoke(cli, ["report", "--scored", str(scored), "--labels", str(labels), "--detector", str(out),
                                   "-o", str(rep)], catch_exceptions=False)
     assert r4.exit_code == 0, r4.output
-    assert "reads layers 2+4 side by side" in (rep / "index.html").read_text()
+    assert "reads layers 2+3+4 side by side" in (rep / "index.html").read_text()
     r5 = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(tmp_path / "plain"),
                                   "--model", str(tiny_model_dir), "--no-anchors"], catch_exceptions=False)
     assert r5.exit_code == 0 and "stack 2+3 x probe-full" in r5.output, r5.output  # no anchors: nothing to blend
@@ -370,3 +371,14 @@ def test_cli_calibrate_stack_is_scored_from_both_layers(tiny_model_dir, labelled
     r3 = CliRunner().invoke(cli, ["calibrate", str(data), "--labels", str(labels), "-o", str(bad), "--model",
                                   str(tiny_model_dir), "--stack", "3"])
     assert r3.exit_code == 1 and "at least two layers" in r3.output
+
+
+def test_prior_in_places_the_default_direction_block_by_block():
+    """probe-fused's prior (the default detector's direction, over its own layers) in a candidate's space: each
+    layer's block where the candidate reads it, zeros elsewhere; no prior for a candidate missing one of them."""
+    w = np.arange(1.0, 7.0)  # layers 2 and 3, three dimensions each
+    np.testing.assert_array_equal(prior_in((2, 3), w, (2, 3)), w)
+    np.testing.assert_array_equal(prior_in((1, 2, 3), w, (2, 3)), np.r_[np.zeros(3), w])
+    np.testing.assert_array_equal(prior_in((3, 2), w, (2, 3)), np.r_[w[3:], w[:3]])
+    assert prior_in(2, w, (2, 3)) is None and prior_in((2, 4), w, (2, 3)) is None
+    np.testing.assert_array_equal(prior_in((2, 4), w[:3], 2), np.r_[w[:3], np.zeros(3)])

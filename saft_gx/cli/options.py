@@ -30,8 +30,9 @@ column_options = stack_options(
 
 embed_options = stack_options(
     click.option("--model", help="Local HF folder, .gguf file, or cached hub id. Default: the embedded SmolLM2-135M-Instruct."),
-    click.option("--layer", type=int, help="Decoder layer whose output is read (1-based). Default: "
-                 f"{defaults.LAYER_FRACTION:.2f} × depth ({defaults.PLAIN_LAYER_FRACTION:.2f} × depth with --no-anchors)."),
+    click.option("--layer", type=int, help="Decoder layer whose output is read (1-based). Default: layers "
+                 f"{' + '.join(f'{f:.1f}' for f in defaults.STACK_FRACTIONS)} × depth side by side (one layer, "
+                 f"{defaults.PLAIN_LAYER_FRACTION:.2f} × depth, with --no-anchors)."),
     click.option("--token", type=click.Choice(TOKEN_POSITIONS), help="Which token's hidden state: last, prompt-end or "
                  f"mean. Default: {defaults.TOKEN} ({defaults.PLAIN_TOKEN} with --no-anchors)."),
     click.option("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, show_default=True,

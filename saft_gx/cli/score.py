@@ -127,7 +127,7 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
     truncation_notice(summary.truncated, det.meta)
     click.echo(
         f"fitted on {summary.rows} rows ({summary.computed} embedded, {summary.rows - summary.computed} from cache) "
-        f"at layer {session.layer}, token {session.config.token}, k={k_of(det)}, {det.meta.get('variant')}"
+        f"at {layers_phrase(det.meta)}, token {session.config.token}, k={k_of(det)}, {det.meta.get('variant')}"
         f"{anchors_phrase(det.meta)}; τ = {det.threshold:.6g} ({rule_text})"
     )
     click.echo(f"detector {det.detector_id} written to {output}")

@@ -61,6 +61,12 @@ class MomentStats:
     def mean(self) -> np.ndarray:
         return self.sum / max(self.n, 1)
 
+    def columns(self, start: int, stop: int) -> "MomentStats":
+        """The statistics of columns ``start:stop`` of the vectors (one layer of a stack), exactly."""
+        if not 0 <= start < stop <= self.dim:
+            raise ValueError(f"columns {start}:{stop} of {self.dim}")
+        return MomentStats(stop - start, self.n, self.sum[start:stop].copy(), self.outer[start:stop, start:stop].copy())
+
     def covariance(self) -> np.ndarray:
         """Population covariance (divided by n), symmetrised against rounding."""
         if self.n < 2:
@@ -149,6 +155,16 @@ class Detector:
         m = dict(meta or {})
         m.setdefault("n", stats.n)
         return cls(mean=stats.mean.copy(), components=comps, singular_values=sv, weighting=weighting, meta=m)
+
+    def widened(self, mean: np.ndarray, start: int) -> "Detector":
+        """This detector, fitted on columns ``start:start + dim`` of wider vectors (one layer of a stack), reading
+        the wider vectors: ``mean`` is their centre, the other columns get no weight, the scores are the same."""
+        mean = np.asarray(mean, dtype=np.float64)
+        if not 0 <= start <= len(mean) - self.dim:
+            raise SaftError(f"columns {start}:{start + self.dim} do not fit in vectors of size {len(mean)}")
+        comps = np.zeros((self.k, len(mean)))
+        comps[:, start : start + self.dim] = self.components
+        return self.with_(mean=mean.copy(), components=comps)
 
     def _weights(self) -> np.ndarray:
         if self.coef is not None:

@@ -6,9 +6,10 @@ and benign domains, one line to thousands of characters, code, role-play / ficti
 long-context framings on *both* classes, some non-English. Harmful rows pair a harmful request with a
 compliant-sounding but non-operational answer. None of them is an evaluation row of the detection benchmark.
 
-Without user labels, ``saft-gx score`` embeds the anchors like the data (same model, layer, token position and
+Without user labels, ``saft-gx score`` embeds the anchors like the data (same model, layers, token position and
 cache) and fits the ``probe`` variant (``saft_gx.detect.calibrate``): a logistic regression on the anchors'
-coordinates in the data's own top-k SAFT subspace. Its score is a probability of harm, so the default τ is a
+coordinates in the data's own top-k SAFT subspace (of one layer of the stack the default reads), adapted to
+the data and blended with a probe on the whole stacked state. Its score is a probability of harm, so the default τ is a
 probability and means the same on every dataset. Pure: no model, no files besides the package's own data.
 """
 
@@ -55,6 +56,20 @@ def anchor_rows() -> tuple[list[Row], np.ndarray]:
     return rows, np.array([int(r["label"]) for r in recs], dtype=np.int8)
 
 
+def subspace_columns(meta: dict[str, Any] | None, dim: int) -> tuple[int, int] | None:
+    """The columns (start, stop) of ``dim``-wide stacked vectors holding ``meta["subspace_layer"]`` of
+    ``meta["layers"]``; None when the vectors are one layer or no subspace layer is named."""
+    meta = meta or {}
+    layers, sub = meta.get("layers"), meta.get("subspace_layer")
+    if not layers or len(layers) < 2 or sub is None:
+        return None
+    if sub not in layers or dim % len(layers):
+        raise SaftError(f"subspace layer {sub} is not one of the {dim}-wide stack of layers {layers}")
+    width = dim // len(layers)
+    i = list(layers).index(sub)
+    return i * width, (i + 1) * width
+
+
 _SQUARED = {"none": "saft", "sigma": "saft-sigma", "whiten": "saft-whiten"}
 
 
@@ -64,7 +79,9 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
                 data_coords: Callable[[Detector], np.ndarray] | None = None, adapt: bool = defaults.ADAPT) -> Detector:
     """The detector ``saft-gx score`` fits on an unlabelled dataset.
 
-    With anchors (the default): the ``probe`` variant in the data's top-k subspace, τ a probability — or the
+    With anchors (the default): the ``probe`` variant in the data's top-k subspace (of the vectors, or, when they
+    are several layers side by side, of layer ``meta["subspace_layer"]`` of ``meta["layers"]``: ``subspace_columns``),
+    τ a probability — or the
     squared SAFT score with ``weighting``, oriented by the anchors, when a weighting is named.
     ``anchor_vectors()`` returns the anchors' embeddings at the same model, layer and token position;
     ``anchor_labels`` their labels (default: the built-in anchors').
@@ -80,9 +97,13 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
                                                                                         "anchors": None})
     if anchor_vectors is None:
         raise SaftError("the built-in anchors need the model to embed them; pass --no-anchors")
+    cols = subspace_columns(meta, stats.dim)
     kk = k if k is not None else min(defaults.K, stats.dim, max(stats.n - 1, 1))
     variant = defaults.VARIANT if weighting is None else _SQUARED[weighting]
-    base = Detector.fit(stats, k=kk, meta=meta)
+    if cols is None:
+        base = Detector.fit(stats, k=kk, meta=meta)
+    else:  # a stack: the subspace is one layer's, read from the stacked vectors
+        base = Detector.fit(stats.columns(*cols), k=kk, meta=meta).widened(stats.mean, cols[0])
     y = anchor_rows()[1] if anchor_labels is None else np.asarray(anchor_labels)
     xa = anchor_vectors()
     det = anchor_detector(base, xa, y, variant=variant, k=kk, probability_threshold=defaults.PROBABILITY_THRESHOLD)

@@ -1,12 +1,12 @@
 """Blending the default probe with a second view of the anchors: a probe on the whole hidden state.
 
 The default probe reads the data's top-k SAFT subspace (32 directions), which adapts to the dataset but sees
-only the directions in which the data varies most. A logistic probe fitted on the anchors over every dimension
+only the directions in which the data varies most (of one layer, when the vectors are a stack). A logistic probe fitted on the anchors over every dimension
 of the hidden state sees harm the subspace misses, but knows nothing of the dataset. Each is weaker alone; their
 errors differ, so the blend ranks better than either (measured in tests/bench/detection.py, README "Detection
 quality"). The two logits are put in the data's standard deviations (wᵀΣw, Σ the data's covariance) and
 averaged; both are linear in the hidden state, so the blend is one direction. Its probability is set by Platt
-scaling on the anchors, with the full probe's share scored out of fold (576 weights fitted on 2,739 anchors
+scaling on the anchors, with the full probe's share scored out of fold (1,728 weights — three layers of 576 — fitted on 2,739 anchors
 separate those anchors far better than any new row, which would make the probability overconfident).
 Pure: NumPy only.
 """

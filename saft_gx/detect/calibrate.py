@@ -165,16 +165,19 @@ def one_direction(det: Detector, w: np.ndarray, *, scale: float = 1.0, intercept
                      coef=np.array([scale * norm]), intercept=float(intercept), link=link, orientation=1, **changes)
 
 
-def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layer: int) -> np.ndarray | None:
-    """``direction`` (a detector's, at layer ``at_layer``) placed in the space of a candidate reading
-    ``key_layer`` (one layer or a stack): zeros on the other layers' blocks; None when it does not read that layer."""
+def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layers: int | tuple[int, ...]) -> np.ndarray | None:
+    """``direction`` (a detector's, reading ``at_layers``: one layer or a stack) placed in the space of a candidate
+    reading ``key_layer`` (one layer or a stack): each layer's block where the candidate reads that layer, zeros on
+    the candidate's other layers; None when the candidate does not read every layer of ``at_layers``."""
     where = key_layer if isinstance(key_layer, tuple) else (key_layer,)
-    if at_layer not in where:
+    at = at_layers if isinstance(at_layers, tuple) else (at_layers,)
+    if not set(at) <= set(where):
         return None
-    d = len(direction)
+    d = len(direction) // len(at)
     w = np.zeros(d * len(where))
-    i = where.index(at_layer)
-    w[i * d : (i + 1) * d] = direction
+    for j, layer in enumerate(at):
+        i = where.index(layer)
+        w[i * d : (i + 1) * d] = direction[j * d : (j + 1) * d]
     return w
 
 
@@ -431,7 +434,7 @@ def calibrate(stats: Mapping[Key, MomentStats], labelled: Mapping[Key, np.ndarra
                     best = (t.rank(), t, s)
     if best is None:
         raise SaftError("no candidate to try: probe-fused needs the built-in anchors' detector (drop --no-anchors) "
-                        "and a candidate at its layer")
+                        "and a candidate that reads its layers")
     _, chosen, oof = best
     key = (chosen.token, chosen.layer)
     xa = None if anchors is None else np.asarray(anchors[key], dtype=np.float64)

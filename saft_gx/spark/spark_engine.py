@@ -38,7 +38,7 @@ import numpy as np
 from ..core.errors import SaftError
 from ..embedding.models import LoadedModel
 from ..detect.anchors import USE_ANCHORS, anchor_rows, fit_default
-from ..pipeline import (DEFAULT_CONTAMINATION, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
+from ..pipeline import (DEFAULT_CONTAMINATION, embedding_meta, OUTPUT_COLUMNS, ColumnOptions, EmbedOptions, EmbedSummary, ScoreResult,
                        resolve_options)
 from ..io.readers import open_dataset
 from ..embedding.rows import ColumnSpec
@@ -290,7 +290,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
     spec = columns.resolve(ds)
     lm = describe_model(opts.model or (detector.meta.get("model") if detector is not None else None))
     ropts = resolve_options(opts, lm, detector)
-    dim = lm.hidden_size
+    dim = lm.hidden_size * len(ropts.layers)  # the default reads several layers side by side
     own_session = False
     if spark is None:
         spark, own_session = spark_session(master)
@@ -317,8 +317,7 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
 
             if detector is None:
                 stats = stats_tree_aggregate(emb, dim)
-                meta = {"model": lm.model_ref, "model_fingerprint": lm.fingerprint, "layer": ropts.layer,
-                        "token": ropts.token, "max_tokens": ropts.max_tokens, "overlong": ropts.overlong,
+                meta = {**embedding_meta(lm, ropts.layers, ropts.token, ropts.max_tokens, ropts.overlong),
                         "fitted_on": ds.path.name, "columns": spec.to_dict(), "engine": "spark"}
                 detector = fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
                                        anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim),

@@ -33,7 +33,7 @@ from ..gx.expect_column_harm_flag_fraction_to_be_at_most import SaftFlaggedFract
 from ..gx.expect_column_values_harm_score_to_be_below import SaftHarmScore
 from ..gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold, column_options, domain_columns,
                          embed_options, load_detector, threshold_rule)
-from ..pipeline import EmbedOptions
+from ..pipeline import EmbedOptions, embedding_meta
 from ..embedding.rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
 from .spark_engine import (anchor_vectors, collect_coords, embed_fn, executor_session, score_fn, stats_tree_aggregate,
                            worker_errors, describe_model, resolve_options)
@@ -83,12 +83,12 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
             if emb.count() == 0:
                 raise SaftError("no rows to score: the batch (after any row_condition) is empty")
             if det is None:
-                meta = {"model": lm.model_ref, "model_fingerprint": lm.fingerprint, "layer": ropts.layer,
-                        "token": ropts.token, "max_tokens": ropts.max_tokens, "overlong": ropts.overlong,
+                meta = {**embedding_meta(lm, ropts.layers, ropts.token, ropts.max_tokens, ropts.overlong),
                         "columns": spec.to_dict()}
-                det = fit_default(stats_tree_aggregate(emb, lm.hidden_size), k=int(kw["k"]) if kw.get("k") else None,
+                dim = lm.hidden_size * len(ropts.layers)
+                det = fit_default(stats_tree_aggregate(emb, dim), k=int(kw["k"]) if kw.get("k") else None,
                                   anchors=USE_ANCHORS, meta=meta,
-                                  anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, lm.hidden_size),
+                                  anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim),
                                   data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt)
             scored = emb.mapInPandas(score_fn(det), "row_id long, text_sha256 string, harm_score double") \
                 .select("row_id", "harm_score").toPandas().sort_values("row_id")

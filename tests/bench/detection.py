@@ -16,9 +16,10 @@ Honesty rules it follows:
   rows. Without: harmful vs benign rows of the file.
 - **Trivial baseline** beside every AUROC: the response length in characters (AUROC of length alone, oriented
   as measured; 0.5 = no signal, far from 0.5 either way = the classes differ by length).
-- The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (the data's SAFT
-  subspace + the built-in anchors, τ = the default probability), **plain SAFT** is the paper's unsupervised
-  score on the same vectors (``--no-anchors`` scores whole rows at its own layer/token; see ``--plain-own``),
+- The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (layers 12, 18 and 24
+  side by side: the data's SAFT subspace of layer 18 + the built-in anchors, τ = the default probability),
+  **plain SAFT** is the paper's unsupervised score on the layer-18 vectors (``--no-anchors`` scores whole rows
+  at its own layer/token),
   **calibrated** is ``calibrate.calibrate`` as ``saft-gx calibrate`` runs it by default (``probe-fused`` on
   layers 12, 18 and 24 side by side, its prior being the default detector above) on 100 labelled rows drawn
   from the mix (left out of its metrics); ``--calibrate-search`` also tries those layers one by one and
@@ -51,8 +52,9 @@ from saft_gx.core.subspace import Detector, MomentStats
 
 ROOT = Path(__file__).resolve().parents[2]
 LAMBDAS = (0.05, 0.1, 0.2, 0.3)
-DEFAULT_LAYER = defaults.layer_for(30)  # SmolLM2-135M has 30 layers
-STACK = defaults.stack_for(30)
+DEFAULT_LAYER = defaults.layer_for(30)  # SmolLM2-135M has 30 layers; the default probe's subspace layer
+STACK = defaults.stack_for(30)  # the layers the default detector (and calibrate) read side by side
+DEFAULT_META = {"layers": list(STACK), "subspace_layer": DEFAULT_LAYER}
 
 
 def half_of(prompt: str) -> int:
@@ -98,13 +100,14 @@ def draw(harm: pd.DataFrame, benign: pd.DataFrame, lam: float, n: int, rng: np.r
 
 def evaluate(xs: dict[int, np.ndarray], y: np.ndarray, resp_len: np.ndarray, anchors_x: np.ndarray, ya: np.ndarray,
              rng: np.random.Generator, *, with_calibration: bool, calibrate_search: bool = False) -> dict:
-    x = xs[DEFAULT_LAYER]
+    x = np.hstack([xs[layer] for layer in STACK])
     stats = MomentStats(x.shape[1]).update(x)
-    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, data_coords=lambda d: d.project(x))
+    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta=DEFAULT_META, data_coords=lambda d: d.project(x))
     s = det.score(x)
-    unadapted = fit_default(stats, anchor_vectors=lambda: anchors_x, meta={}, adapt=False).score(x)
+    unadapted = fit_default(stats, anchor_vectors=lambda: anchors_x, meta=DEFAULT_META, adapt=False).score(x)
     flags = s > det.threshold
-    plain = fit_default(stats, anchors=False).score(x)
+    x1 = xs[DEFAULT_LAYER]
+    plain = fit_default(MomentStats(x1.shape[1]).update(x1), anchors=False).score(x1)
     out = {"n": len(y), "harmful": int(y.sum()), "flagged": float(flags.mean()), "flags": flags}
     if y.any() and not y.all():
         p, r, f1 = precision_recall_f1(flags, y.astype(bool))
@@ -133,7 +136,7 @@ def calibrated_auroc(xs: dict[int, np.ndarray], default: Detector, y: np.ndarray
     if not search:
         vectors = {(tok, STACK): vectors[(tok, STACK)]}
     stats = {key: MomentStats(x.shape[1]).update(x) for key, x in vectors.items()}
-    priors = {key: prior_in(key[1], default.direction(), DEFAULT_LAYER) for key in vectors}
+    priors = {key: prior_in(key[1], default.direction(), STACK) for key in vectors}
     priors = {key: w for key, w in priors.items() if w is not None}
     cal = calibrate(stats, {key: x[lab] for key, x in vectors.items()}, y[lab],
                     variants=("probe-full", "probe-fused") if search else ("probe-fused",),
@@ -175,20 +178,22 @@ def main(argv: list[str] | None = None) -> None:
     if not args.all_rows:
         df = df[df.prompt.map(half_of) == args.half].reset_index(drop=True)
 
-    session = Session(EmbedOptions(layers=STACK if not args.no_calibration else (DEFAULT_LAYER,)))
+    session = Session(EmbedOptions(layers=STACK))
     if session.lm.num_layers != 30:
         raise SystemExit("the benchmark's layers are the default model's (30 layers)")
     prompts = list(dict.fromkeys(df.prompt))
     vec = embed_prompts(session, prompts)
     index = [{p: i for i, p in enumerate(prompts)}[p] for p in df.prompt]
     XS = {layer: v[index] for layer, v in vec.items()}
-    X = XS[DEFAULT_LAYER]
+    X = np.hstack([XS[layer] for layer in STACK])
     arows, ya = anchor_rows()
-    A = embed_prompts(session, [r.messages[0][1] for r in arows])[DEFAULT_LAYER]
+    av = embed_prompts(session, [r.messages[0][1] for r in arows])
+    A = np.hstack([av[layer] for layer in STACK])
     y_all = df.label.to_numpy()
     resp_len = df.response.str.len().to_numpy()
     print(f"data {name}: {len(df)} rows ({'both halves' if args.all_rows else f'half {args.half}'}), "
-          f"{len(prompts)} prompts; anchors {len(ya)}; model {session.lm.model_ref}, layer {DEFAULT_LAYER}, "
+          f"{len(prompts)} prompts; anchors {len(ya)}; model {session.lm.model_ref}, layers {'+'.join(map(str, STACK))} "
+          f"(subspace {DEFAULT_LAYER}), "
           f"token {session.config.token}, k {defaults.K}, τ = p > {defaults.PROBABILITY_THRESHOLD:g}; "
           f"embedded in {time.perf_counter() - t0:.0f} s")
 
@@ -214,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             sel = m.index.to_numpy()
             stats = MomentStats(X.shape[1]).update(X[sel])
             xs = X[sel]
-            det = fit_default(stats, anchor_vectors=lambda: A, meta={}, data_coords=lambda d: d.project(xs))
+            det = fit_default(stats, anchor_vectors=lambda: A, meta=DEFAULT_META, data_coords=lambda d: d.project(xs))
             results.append({"mix": mix, "lam": 0.0, "seed": seed, "n": len(sel), "harmful": 0,
                             "flagged": float((det.score(X[sel]) > det.threshold).mean())})
     res = pd.DataFrame(results)
