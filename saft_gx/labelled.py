@@ -219,9 +219,9 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
                 anchor_x[(token, layer)] = cache.layer(layer).get(akeys)
         for stack in stacks:
             stats[(token, stack)] = st[stack]
-            labelled[(token, stack)] = np.hstack([cache.layer(layer).get(keys) for layer in stack])
+            labelled[(token, stack)] = pipeline.stacked(cache, stack, keys)
             if anchors:
-                anchor_x[(token, stack)] = np.hstack([cache.layer(layer).get(akeys) for layer in stack])
+                anchor_x[(token, stack)] = pipeline.stacked(cache, stack, akeys)
         if fused:
             dkey = default_stack if len(default_stack) > 1 else default_stack[0]
             dmeta = pipeline.embedding_meta(lm, default_stack, token, cfg.max_tokens, cfg.overlong)
