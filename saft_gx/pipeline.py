@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .io.cache import EmbeddingCache, key_digests
+from .io.cache import ArrayFolder, EmbeddingCache, key_digests
 from .embedding.embed import DEFAULT_MAX_TOKENS, DEFAULT_OVERLONG, EmbedConfig, Embedder, Tokenized
 from .core.errors import SaftError
 from .embedding.models import LoadedModel, load_model
@@ -285,7 +285,7 @@ class Session:
     def __init__(self, opts: EmbedOptions, *, lm: LoadedModel | None = None, detector: Detector | None = None):
         meta = detector.meta if detector is not None else {}
         model_ref = opts.model or meta.get("model")
-        self.lm = lm or load_model(model_ref, device=opts.device, dtype=opts.dtype)
+        self.lm = lm or load_model(model_ref, device=opts.device, dtype=opts.dtype, cache_dir=opts.cache_dir)
         r = resolve_options(opts, self.lm, detector)
         cfg_kwargs: dict[str, Any] = {}
         if opts.batch_tokens:
@@ -514,7 +514,9 @@ def fit_with_session(session: Session, stats: MomentStats, *, k: int | None = No
                      anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None,
                      data_coords: Callable[[Detector], np.ndarray] | None = None) -> Detector:
     """``anchors.fit_default`` with the anchors embedded like the data (``session_anchor_vectors``), adapted to
-    the data through ``data_coords`` unless the session's options say ``adapt=False``."""
+    the data through ``data_coords`` unless the session's options say ``adapt=False``; the anchors' whole-state
+    probes are kept in the session's cache folder (``anchor-probes/``), so a rerun does not fit them again."""
     return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
                        anchor_vectors=lambda: session_anchor_vectors(session),
-                       data_coords=data_coords, adapt=session.adapt)
+                       data_coords=data_coords, adapt=session.adapt,
+                       probe_store=ArrayFolder(session.cache.folder / "anchor-probes"))

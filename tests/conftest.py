@@ -55,11 +55,26 @@ def tiny_lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
-def default_lm():
-    """The real embedded SmolLM2-135M-Instruct (~15 s to load, once per test session)."""
+def default_model_cache(tmp_path_factory) -> Path:
+    """The cache folder ``default_lm`` was loaded under: it holds the float32 copy of the GGUF file made then."""
+    return tmp_path_factory.mktemp("default-model-cache")
+
+
+@pytest.fixture(scope="session")
+def default_lm(default_model_cache):
+    """The real embedded SmolLM2-135M-Instruct, loaded from its GGUF file (~15–50 s, once per test session)."""
+    import os
+
     from saft_gx.embedding.models import load_model
 
-    return load_model(None, device="cpu")
+    before = os.environ.get("SAFT_GX_CACHE")
+    os.environ["SAFT_GX_CACHE"] = str(default_model_cache)
+    try:
+        return load_model(None, device="cpu")
+    finally:
+        os.environ["SAFT_GX_CACHE"] = before if before is not None else ""
+        if before is None:
+            del os.environ["SAFT_GX_CACHE"]
 
 
 TOY_ROWS = [

@@ -124,6 +124,37 @@ def test_default_fit_on_a_stack_takes_the_subspace_from_one_layer(monkeypatch):
         fit_default(st, anchor_vectors=lambda: wide_a, anchor_labels=ya, meta={"layers": [1, 2], "subspace_layer": 3})
 
 
+def test_the_anchors_whole_state_probes_are_kept_between_runs(tmp_path, monkeypatch):
+    """The blend's whole-state probes depend on the anchors only: a second fit (another process: the memo is
+    emptied) reads them from the store instead of fitting them, and gives the same detector; a file cut short is
+    a miss, fitted again, never an error."""
+    from saft_gx.detect import blend
+    from saft_gx.io.cache import ArrayFolder
+
+    x, y, xa = _topic_data()
+    ya = np.r_[np.ones(24), np.zeros(24)].astype(int)
+    stats = MomentStats(x.shape[1]).update(x)
+    store = ArrayFolder(tmp_path / "anchor-probes")
+    blend._memo.clear()
+    first = fit_default(stats, anchor_vectors=lambda: xa, anchor_labels=ya, probe_store=store)
+    (saved,) = (tmp_path / "anchor-probes").glob("*.npz")
+    blend._memo.clear()
+    real_fit = blend.fit_logistic  # Platt scaling (one column) still runs; a whole-state fit must not
+    monkeypatch.setattr(blend, "fit_logistic", lambda xx, *a, **kw: real_fit(xx, *a, **kw) if xx.shape[1] == 1
+                        else pytest.fail("a whole-state probe was fitted again"))
+    again = fit_default(stats, anchor_vectors=lambda: xa, anchor_labels=ya, probe_store=store)
+    np.testing.assert_allclose(again.score(x), first.score(x), rtol=1e-12)
+    monkeypatch.setattr(blend, "fit_logistic", real_fit)
+    blend._memo.clear()
+    saved.write_bytes(saved.read_bytes()[:100])  # a crash mid-write leaves no such file (atomic), but a disk can
+    refit = fit_default(stats, anchor_vectors=lambda: xa, anchor_labels=ya, probe_store=store)
+    np.testing.assert_allclose(refit.score(x), first.score(x), rtol=1e-9)
+    assert store.load(saved.stem)["fold_coef"].shape == (blend.FOLDS, x.shape[1])  # and written back whole
+    # other anchors (labels here) are another key: never the stored probes of different anchors
+    other = fit_default(stats, anchor_vectors=lambda: xa, anchor_labels=1 - ya, probe_store=store)
+    assert len(list((tmp_path / "anchor-probes").glob("*.npz"))) == 2 and auroc(other.score(x), y) < 0.5
+
+
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
     from saft_gx.cli import cli
 

@@ -40,6 +40,36 @@ def test_the_default_model_loads_from_its_gguf_and_embeds(default_lm):
     assert v.shape == (2, 1, 576) and np.isfinite(v).all() and not np.allclose(v[0], v[1])
 
 
+def test_the_gguf_is_parsed_once_and_later_loads_read_its_float32_copy(default_lm, default_model_cache, monkeypatch):
+    """Parsing the GGUF file is most of a cached run; the first load keeps a plain float32 copy beside the cache
+    and later loads read it without touching the GGUF parser: the same tokens, chat template, hidden states and
+    fingerprint, so cached embeddings and fitted detectors stay valid."""
+    import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from saft_gx.embedding.models import converted_folder, load_model
+
+    monkeypatch.setenv("SAFT_GX_CACHE", str(default_model_cache))
+    folder = converted_folder(default_lm.fingerprint)
+    assert folder.parent == default_model_cache / "models"
+    assert (folder / "model.safetensors").exists() and (folder / "tokenizer_config.json").exists()
+    assert not list(folder.parent.glob(".*.tmp"))  # written through a temporary folder, renamed into place
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", lambda *a, **k: pytest.fail("the GGUF file was parsed again"))
+    copy = load_model(None, device="cpu")
+    assert copy.fingerprint == default_lm.fingerprint and copy.model_ref == default_lm.model_ref == "default"
+    msgs = [{"role": "user", "content": "Translate « bonjour » to 日本語, then write `print(1)`."},
+            {"role": "assistant", "content": "こんにちは."}]
+    text = default_lm.tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert copy.tokenizer.apply_chat_template(msgs, tokenize=False) == text
+    ids = default_lm.tokenizer(text)["input_ids"]
+    assert copy.tokenizer(text)["input_ids"] == ids and copy.tokenizer.pad_token == default_lm.tokenizer.pad_token
+    with torch.inference_mode():
+        a = default_lm.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        b = copy.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    assert len(a) == 31 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert getattr(copy.model, "hf_quantizer", None) is None and getattr(default_lm.model, "hf_quantizer", None) is None
+
+
 # Minutes on 2 CPU cores (the anchors and 75 rows through the real model): --runslow.
 @pytest.mark.slow
 def test_harmful_rows_score_higher_on_the_default_model(default_lm, tmp_path):

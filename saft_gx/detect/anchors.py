@@ -25,7 +25,7 @@ import numpy as np
 
 from ..core import defaults
 from .adapt import adapt_probe
-from .blend import blend_full_probe
+from .blend import ArrayStore, blend_full_probe
 from .calibrate import anchor_detector
 from ..core.errors import SaftError
 from ..embedding.rows import Row
@@ -76,7 +76,8 @@ _SQUARED = {"none": "saft", "sigma": "saft-sigma", "whiten": "saft-whiten"}
 def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | None = None, anchors: bool = USE_ANCHORS,
                 anchor_vectors: Callable[[], np.ndarray] | None = None, anchor_labels: np.ndarray | None = None,
                 meta: dict[str, Any] | None = None,
-                data_coords: Callable[[Detector], np.ndarray] | None = None, adapt: bool = defaults.ADAPT) -> Detector:
+                data_coords: Callable[[Detector], np.ndarray] | None = None, adapt: bool = defaults.ADAPT,
+                probe_store: ArrayStore | None = None) -> Detector:
     """The detector ``saft-gx score`` fits on an unlabelled dataset.
 
     With anchors (the default): the ``probe`` variant in the data's top-k subspace (of the vectors, or, when they
@@ -89,6 +90,7 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     rows); with it and ``adapt``, the probe is adapted to the data (``adapt.adapt_probe``) when the data has at
     least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not. The probe is then blended
     with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not).
+    ``probe_store`` keeps the anchors' whole-state probes between runs (``blend.anchor_probes``).
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
     meta = dict(meta or {})
@@ -117,5 +119,5 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     else:
         det = adapt_probe(det, data_coords(det), det.project(xa), y)
     if variant == "probe" and defaults.BLEND_WEIGHT > 0:
-        det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT)
+        det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT, store=probe_store)
     return det

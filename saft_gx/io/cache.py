@@ -12,21 +12,15 @@ from __future__ import annotations
 import os
 import threading
 import uuid
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..core.paths import default_cache_dir
 from ..core.subspace import atomic_write
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("SAFT_GX_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "saft_gx"
 
 
 def key_digests(keys: Sequence[str]) -> np.ndarray:
@@ -193,6 +187,30 @@ class LayerCache:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
+
+
+class ArrayFolder:
+    """Small named sets of arrays kept as ``<key>.npz`` in one folder (e.g. the anchors' fitted probes, beside
+    their embeddings): written atomically, read with ``allow_pickle=False``; a missing or unreadable file is a miss."""
+
+    def __init__(self, folder: str | os.PathLike[str]):
+        self.folder = Path(folder)
+
+    def load(self, key: str) -> dict[str, np.ndarray] | None:
+        path = self.folder / f"{key}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {name: z[name] for name in z.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # absent, or damaged on disk
+            return None
+
+    def save(self, key: str, arrays: dict[str, np.ndarray]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        def write(path: Path) -> None:
+            with open(path, "wb") as fh:  # a file object: np.savez would add ".npz" to the temporary name
+                np.savez(fh, **arrays)
+
+        atomic_write(self.folder / f"{key}.npz", write)
 
 
 class EmbeddingCache:

@@ -366,11 +366,6 @@ def train(data: str | Path, out_dir: str | Path, config: FinetuneConfig | None =
 
     model = lm.model
     model.config.use_cache = False
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and "gguf" in str(getattr(quantizer.quantization_config, "quant_method", "")).lower():
-        # a GGUF file is de-quantised to plain float tensors at load; the marker left behind would make
-        # Trainer refuse to train (trainer_utils.validate_quantization_for_training) a model it can train
-        quantizer.remove_quantization_config(model)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
