@@ -119,5 +119,5 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     else:
         det = adapt_probe(det, data_coords(det), det.project(xa), y)
     if variant == "probe" and defaults.BLEND_WEIGHT > 0:
-        det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT, store=probe_store)
+        det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT, c=defaults.BLEND_C, store=probe_store)
     return det

@@ -159,7 +159,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tau", type=float, help="report flags at this probability instead of the default τ")
     ap.add_argument("--blend-weight", type=float, help="the whole-state probe's share in the default detector "
                     f"(default {defaults.BLEND_WEIGHT:g}; 0: the subspace probe alone)")
+    ap.add_argument("--blend-c", type=float, help=f"the whole-state probe's inverse ridge strength (default {defaults.BLEND_C:g})")
+    ap.add_argument("--k", type=int, help=f"the default probe's subspace size (default {defaults.K})")
     args = ap.parse_args(argv)
+    if args.blend_c is not None:
+        defaults.BLEND_C = args.blend_c
+    if args.k is not None:
+        defaults.K = args.k
     if args.tau is not None:
         defaults.PROBABILITY_THRESHOLD = args.tau  # fit_default reads it at call time
     if args.blend_weight is not None:
