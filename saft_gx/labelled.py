@@ -228,6 +228,7 @@ def calibrate_dataset(session: Any, ds: Any, spec: Any, labels: Labels, *, layer
             prior = fit_default(st[dkey], meta=dmeta,
                                 anchor_vectors=lambda: pipeline.stacked(cache, default_stack, akeys),
                                 data_coords=lambda d: pipeline.coords_cached(ds, spec, cache, d, default_stack),
+                                data_rows=lambda idx: pipeline.rows_cached(ds, spec, cache, default_stack, idx),
                                 adapt=session.adapt).direction()
             for key in stats:
                 w = prior_in(key[1], prior, default_stack) if key[0] == token else None

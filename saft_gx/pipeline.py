@@ -184,6 +184,28 @@ def coords_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, detector
                            for _keys, x in cached_vectors(ds, spec, cache, layers, frame_rows=frame_rows)])
 
 
+def rows_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers: int | Sequence[int], idx: np.ndarray, *,
+                frame_rows: int = 4096) -> np.ndarray:
+    """(len(idx), d · layers) float32 vectors of the rows at positions ``idx`` of ``ds``, in that order, from the
+    cache only (for adapting the default detector to a few thousand of the data's rows)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    order = np.argsort(idx, kind="stable")
+    wanted = idx[order]
+    caches = [cache.layer(layer) for layer in layer_tuple(layers)]
+    parts, offset = [], 0
+    for first, df in ds.frames(spec.columns, batch_rows=frame_rows):
+        lo, hi = np.searchsorted(wanted, [offset, offset + len(df)])
+        if hi > lo:
+            keys = [r.content_key() for r in rows_from_frame(df, spec, first)]
+            parts.append(_side_by_side(caches, [keys[i - offset] for i in wanted[lo:hi]]))
+        offset += len(df)
+    if sum(len(p) for p in parts) != len(idx):
+        raise SaftError(f"{ds.path}: rows {wanted[-1]} and others asked for, {offset} rows in the file")
+    out = np.empty((len(idx), parts[0].shape[1] if parts else 0), dtype=np.float32)
+    out[order] = np.concatenate(parts) if parts else out[:0]
+    return out
+
+
 def _changed_while_scored(ds: Dataset, rows_now: int | str, rows_scored: int) -> SaftError:
     return SaftError(f"{ds.path}: changed while it was being scored ({rows_now} rows now, {rows_scored} before)")
 
@@ -384,7 +406,8 @@ def fit(session: Session, ds: Dataset, spec: ColumnSpec, *, k: int | None = None
     anchors = session.anchors if anchors is None else anchors
     stats, summary = fit_stats(session, ds, spec, progress=progress)
     det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=session.detector_meta(ds, spec),
-                           data_coords=lambda d: coords_cached(ds, spec, session.cache, d, session.layers))
+                           data_coords=lambda d: coords_cached(ds, spec, session.cache, d, session.layers),
+                           data_rows=lambda idx: rows_cached(ds, spec, session.cache, session.layers, idx))
     return det, summary
 
 
@@ -484,7 +507,7 @@ def score_frame(df: Any, *, columns: ColumnOptions | None = None, detector: Dete
         meta = {**embedding_meta(session.lm, session.layers, session.config.token, session.config.max_tokens,
                                  session.config.overlong), "columns": spec.to_dict()}
         detector = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                                    data_coords=lambda d: d.project(x))
+                                    data_coords=lambda d: d.project(x), data_rows=lambda idx: x[idx])
     return detector.score(x), detector
 
 
@@ -512,11 +535,12 @@ def session_anchor_vectors(session: Session) -> np.ndarray:
 
 def fit_with_session(session: Session, stats: MomentStats, *, k: int | None = None, weighting: str | None = None,
                      anchors: bool = USE_ANCHORS, meta: dict[str, Any] | None = None,
-                     data_coords: Callable[[Detector], np.ndarray] | None = None) -> Detector:
+                     data_coords: Callable[[Detector], np.ndarray] | None = None,
+                     data_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> Detector:
     """``anchors.fit_default`` with the anchors embedded like the data (``session_anchor_vectors``), adapted to
-    the data through ``data_coords`` unless the session's options say ``adapt=False``; the anchors' whole-state
+    the data through ``data_coords`` and ``data_rows`` unless the session's options say ``adapt=False``; the anchors' whole-state
     probes are kept in the session's cache folder (``anchor-probes/``), so a rerun does not fit them again."""
     return fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
                        anchor_vectors=lambda: session_anchor_vectors(session),
                        data_coords=data_coords, adapt=session.adapt,
-                       probe_store=ArrayFolder(session.cache.folder / "anchor-probes"))
+                       probe_store=ArrayFolder(session.cache.folder / "anchor-probes"), data_rows=data_rows)

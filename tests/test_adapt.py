@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from saft_gx import MomentStats, SaftError
 from saft_gx.core import defaults
 from saft_gx.core.metrics import auroc
-from saft_gx.detect.adapt import adapt_probe
+from saft_gx.detect.adapt import adapt_probe, adapt_whole_state
 from saft_gx.detect.anchors import fit_default
 
 
@@ -128,3 +128,71 @@ def test_large_datasets_fit_on_an_even_spread_of_each_pseudo_class(monkeypatch):
     assert not np.allclose(capped.coef, full.coef)  # the cap is in effect ...
     assert abs(auroc(capped.score(x), y) - auroc(full.score(x), y)) < 0.02  # ... and ranks about as well
     assert adapt.spread_rows(np.arange(10), 4).tolist() == [0, 3, 6, 9]
+
+
+def _domain_shifted(seed, n=1000, lam=0.1):
+    """The anchors' harmful rows carry a style (dim 2) besides the harm (dim 0); half of this dataset's rows,
+    benign or not, carry that style too. A probe on the anchors alone reads the style as harm; the data's benign
+    rows show it is not. The style is the data's top direction, so the subspace probe (k = 1) cannot see past it."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < lam).astype(int)
+    x = rng.normal(size=(n, 16))
+    x[:, 2] += 2.5 * rng.integers(0, 2, n)
+    x[y == 1, 0] += 2.5
+    ya = np.r_[np.ones(200), np.zeros(200)].astype(int)
+    xa = rng.normal(size=(400, 16))
+    xa[ya == 1, 0] += 2.5
+    xa[ya == 1, 2] += 2.5
+    return x, y, xa, ya
+
+
+def _fit1(x, xa, ya, **kw):
+    return fit_default(MomentStats(16).update(x), k=1, anchor_vectors=lambda: xa, anchor_labels=ya, **kw)
+
+
+def test_the_blend_is_adapted_to_the_datas_benign_rows_in_the_whole_state(monkeypatch):
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
+    gains, clean_flagged = [], []
+    for seed in range(3):
+        x, y, xa, ya = _domain_shifted(seed)
+        asked = []
+
+        def rows(idx):
+            asked.append(np.asarray(idx))
+            return x[idx]
+
+        kw = dict(data_coords=lambda d: d.project(x))
+        blend_only = _fit1(x, xa, ya, **kw)
+        adapted = _fit1(x, xa, ya, **kw, data_rows=rows)
+        assert blend_only.meta["adapted_whole"] is False and "blend" in blend_only.meta
+        assert adapted.meta["adapted_whole"]["rows"] == 800 and adapted.k == 1 and adapted.link == "logistic"
+        assert adapted.threshold == defaults.PROBABILITY_THRESHOLD
+        # only the blend's least suspicious 80 % were asked for: benign by assumption, never a top row
+        (idx,) = asked
+        rank = np.argsort(np.argsort(blend_only.score(x)))
+        assert len(idx) == 800 and rank[idx].max() < 800
+        gains.append(auroc(adapted.score(x), y) - auroc(blend_only.score(x), y))
+        xc, _, _, _ = _domain_shifted(seed + 10, lam=0.0)
+        clean = [_fit1(xc, xa, ya, data_coords=lambda d: d.project(xc), **more) for more in ({}, {"data_rows": lambda idx: xc[idx]})]
+        clean_flagged.append([d.flag(d.score(xc)).mean() for d in clean])
+    assert min(gains) > 0.02, gains  # the style no longer counts as harm
+    # no row is taught as harmful, so a clean set is flagged less, not more: measured 13-20 % → 8-12 % here,
+    # where the anchors' style makes the blend flag many clean rows
+    assert all(adapted < 0.75 * blend for blend, adapted in clean_flagged), clean_flagged
+
+
+def test_whole_state_adaptation_asks_for_at_most_its_cap_of_rows_and_needs_the_blend(monkeypatch):
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
+    x, y, xa, ya = _domain_shifted(3, n=3000)
+    blend = _fit1(x, xa, ya, data_coords=lambda d: d.project(x))
+    asked = []
+    capped = adapt_whole_state(blend, MomentStats(16).update(x), blend.project(x)[:, 0],
+                               lambda idx: asked.append(idx) or x[idx], xa, ya, most=300)
+    assert len(asked[0]) == 300 and capped.meta["adapted_whole"]["rows"] == 300 and (np.diff(asked[0]) > 0).all()
+    assert auroc(capped.score(x), y) > auroc(blend.score(x), y) + 0.02
+    with pytest.raises(SaftError, match="one-direction"):
+        adapt_whole_state(_fit(x, xa, ya, anchors=False), MomentStats(16).update(x), np.zeros(3000),
+                          lambda idx: x[idx], xa, ya)
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.0)  # no blend: nothing to adapt in the whole state
+    alone = _fit1(x, xa, ya, data_coords=lambda d: d.project(x), data_rows=lambda idx: pytest.fail("asked for rows"))
+    assert "adapted_whole" not in alone.meta

@@ -155,6 +155,40 @@ def test_the_anchors_whole_state_probes_are_kept_between_runs(tmp_path, monkeypa
     assert len(list((tmp_path / "anchor-probes").glob("*.npz"))) == 2 and auroc(other.score(x), y) < 0.5
 
 
+def test_fit_adapts_the_blend_to_the_datas_own_rows_read_back_from_the_cache(tiny_model_dir, tmp_path):
+    """`saft-gx fit` on enough rows adapts the blend to the data's least suspicious 80 % (detector.json
+    ``adapted_whole``), reading those rows' vectors back from the cache by position (``pipeline.rows_cached``:
+    any order, across frames, the very vectors the scoring pass reads)."""
+    from saft_gx import pipeline
+    from saft_gx.cli import cli
+    from saft_gx.io.cache import EmbeddingCache
+    from saft_gx.io.readers import open_dataset
+    from saft_gx.embedding.models import fingerprint_path
+
+    rng = np.random.default_rng(1)
+    words = "river stone cloud paper music table window garden lamp chair".split()
+    n = defaults.ADAPT_MIN_ROWS + 40
+    data = tmp_path / "rows.parquet"
+    pd.DataFrame({"prompt": [" ".join(rng.choice(words, 3 + i % 5)) + f" {i}" for i in range(n)],
+                  "response": [" ".join(rng.choice(words, 4)) for _ in range(n)]}).to_parquet(data)
+    cache_dir = tmp_path / "c"
+    r = CliRunner().invoke(cli, ["fit", str(data), "--model", str(tiny_model_dir), "--layer", "2", "--cache-dir",
+                                 str(cache_dir), "-o", str(tmp_path / "d")], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "d" / "detector.json").read_text())
+    assert meta["adapted"]["rows"] == n and meta["adapted_whole"]["rows"] == round(defaults.ADAPT_WHOLE_BOTTOM * n)
+    assert meta["adapted_whole"]["weight"] == defaults.ADAPT_WHOLE_WEIGHT
+    assert f"blended with a whole-state probe, adapted to {round(defaults.ADAPT_WHOLE_BOTTOM * n)} of the rows" in r.output
+    ds = open_dataset(data)
+    spec = pipeline.ColumnOptions().resolve(ds)
+    cache = EmbeddingCache(cache_dir, model_fingerprint=fingerprint_path(tiny_model_dir), token=meta["token"],
+                           max_tokens=meta["max_tokens"], overlong=meta["overlong"], dim=32)
+    every = np.concatenate([x for _k, x in pipeline.cached_vectors(ds, spec, cache, 2, frame_rows=100)])
+    idx = np.array([537, 3, 250, 99, 100, 0, 250])  # unsorted, a repeat, rows either side of a frame edge
+    np.testing.assert_array_equal(pipeline.rows_cached(ds, spec, cache, 2, idx, frame_rows=100), every[idx])
+    assert every.shape == (n, 32) and pipeline.rows_cached(ds, spec, cache, 2, idx[:0]).shape[0] == 0
+
+
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
     from saft_gx.cli import cli
 

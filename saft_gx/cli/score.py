@@ -56,11 +56,14 @@ def layers_phrase(meta: dict) -> str:
 
 
 def anchors_phrase(meta: dict) -> str:
-    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe)`` / `` (built-in anchors; not
-    adapted: <why>; …)`` / ``""``."""
+    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted to 480 of the rows)`` /
+    `` (built-in anchors; not adapted: <why>; …)`` / ``""``."""
     if not meta.get("anchors"):
         return ""
     blended = "; blended with a whole-state probe" if meta.get("blend") else ""
+    whole = meta.get("adapted_whole")
+    if blended and isinstance(whole, dict):
+        blended += f", adapted to {whole.get('rows')} of the rows"
     adapted = meta.get("adapted")
     if isinstance(adapted, dict):
         return f" (built-in anchors, adapted to {adapted.get('rows')} rows{blended})"
@@ -115,7 +118,8 @@ def fit(dataset: str, output: str | None, stats_out: str | None, shard: Shard | 
         if not output:
             return
     det = fit_with_session(session, stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
-                           data_coords=lambda d: pipeline.coords_cached(ds, spec, session.cache, d, session.layers))
+                           data_coords=lambda d: pipeline.coords_cached(ds, spec, session.cache, d, session.layers),
+                           data_rows=lambda idx: pipeline.rows_cached(ds, spec, session.cache, session.layers, idx))
     scores = pipeline.score_cached(ds, spec, session.cache, det, session.layers)
     if rule is None and det.threshold is not None:  # τ from the built-in anchors
         rule_text = det.meta.get("threshold_rule", "from the detector")

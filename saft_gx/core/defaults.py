@@ -28,7 +28,16 @@ ADAPT_MIN_ROWS = 500  # below this, 5 % is under 25 rows, too few to teach the p
 # blending the (adapted) probe with a probe on the whole hidden state fitted on the anchors (saft_gx/detect/blend.py)
 BLEND_WEIGHT = 0.5  # the whole-state probe's share, each logit in the data's standard deviations
 BLEND_C = 0.1  # its inverse ridge strength
-PROBABILITY_THRESHOLD = 0.97  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged (the release gate's budget)
+# adapting the blend to the data's own benign rows (saft_gx/detect/adapt.py, adapt_whole_state), chosen on the
+# benchmark's development half: the whole-state probe refitted on the anchors plus the blend's least suspicious
+# 80 % of the rows (as benign; no row is taken as harmful, so a clean set is not pushed above τ)
+ADAPT_WHOLE = True
+ADAPT_WHOLE_BOTTOM = 0.8
+ADAPT_WHOLE_C = 0.003  # stronger ridge than the anchors-only probe: the data's rows are many and alike
+ADAPT_WHOLE_WEIGHT = 2.0  # the refitted probe's logit against the blend's, each in the data's standard deviations
+ADAPT_WHOLE_ROWS = 2000  # data rows it is refitted on at most (evenly over the ranks): 2000 × 1,728 × 8 B = 28 MB
+PROBABILITY_THRESHOLD = 0.98  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged on every draw (the
+#                              release gate's budget; 0.97 flagged 2.2 % of one clean draw once the blend was adapted to the data)
 
 # plain SAFT (--no-anchors): measured on our own rows with tests/bench/layer_sweep.py
 PLAIN_TOKEN = "last"

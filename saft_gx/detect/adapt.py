@@ -11,17 +11,27 @@ recalibrated on the anchors alone (a one-dimensional logistic fit, Platt scaling
 data, its scale still from labelled rows, so τ keeps its meaning and a clean dataset, whose top 5 % are benign,
 is not pushed above τ by its own pseudo-labels. Measured in tests/bench/detection.py (README "Detection
 quality"). Pure: NumPy only; the caller provides the data's coordinates in the probe's subspace.
+
+``adapt_whole_state`` adapts the blended detector (``blend.py``) the same way in the whole hidden state, but with
+benign rows only: the blend's least suspicious 80 % of the rows join the anchors as benign, and a probe on every
+dimension is refitted (its three cells — anchors harmful, anchors benign, data benign — weigh the same). It
+learns what this dataset's ordinary rows look like, which the anchors cannot know; no row is taken as harmful,
+so a clean dataset's top rows are not taught to be harmful (taking the top 5 % as harmful too ranked better
+but flagged 4–5 % of clean rows). The caller provides the vectors of the rows it asks for (at most
+``defaults.ADAPT_WHOLE_ROWS``).
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 
 from ..core import defaults
 from ..core.errors import SaftError
 from ..core.probe import fit_logistic
-from ..core.subspace import Detector
-from .calibrate import PROBE_C, balanced_weights
+from ..core.subspace import Detector, MomentStats
+from .calibrate import PROBE_C, balanced_weights, one_direction, per_data_sd
 
 PLATT_C = 1e4  # Platt scaling fits two numbers on thousands of anchors: essentially unpenalised
 MAX_CELL_ROWS = 20_000  # pseudo-labelled rows per class kept for the fit (evenly over their ranks): a k-dim
@@ -75,3 +85,43 @@ def spread_rows(idx: np.ndarray, most: int | None = None) -> np.ndarray:
     if len(idx) <= most:
         return idx
     return idx[np.linspace(0, len(idx) - 1, most).round().astype(np.int64)]
+
+
+def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray,
+                      data_rows: Callable[[np.ndarray], np.ndarray], anchor_x: np.ndarray, anchor_y: np.ndarray, *,
+                      bottom: float = defaults.ADAPT_WHOLE_BOTTOM, c: float = defaults.ADAPT_WHOLE_C,
+                      weight: float = defaults.ADAPT_WHOLE_WEIGHT, most: int = defaults.ADAPT_WHOLE_ROWS) -> Detector:
+    """The one-direction logistic detector ``det`` (the blend) adapted to the data's benign rows.
+
+    data_scores: (n,) any increasing function of ``det``'s score on every row (its coordinate, ``det.project``).
+    data_rows(idx): the (m, d) vectors of rows ``idx`` (at most ``most`` of them).
+    anchor_x / anchor_y: the anchors' vectors and labels. Returns a one-direction logistic detector: the blend's
+    direction + ``weight`` × the refitted probe's (each in the data's standard deviations), Platt-scaled on the
+    anchors; ``meta["adapted_whole"]`` records the settings."""
+    if det.form != "linear" or det.link != "logistic" or det.k != 1:
+        raise SaftError("only the blended one-direction probe can be adapted in the whole state")
+    s = np.asarray(data_scores, dtype=np.float64).reshape(-1)
+    n = len(s)
+    n_bottom = int(round(bottom * n))
+    if not 0 < bottom < 1 or n_bottom < 1:
+        raise SaftError(f"adapt: {n} rows are too few to take the bottom {bottom:.0%} as benign")
+    lo = np.sort(spread_rows(np.argsort(s, kind="stable")[:n_bottom], most))
+    xd = np.asarray(data_rows(lo), dtype=np.float64)
+    xa = np.asarray(anchor_x, dtype=np.float64)
+    ya = np.asarray(anchor_y).astype(np.int8)
+    if xd.shape != (len(lo), det.dim) or xa.shape != (len(ya), det.dim):
+        raise SaftError(f"expected ({len(lo)}, {det.dim}) data rows and ({len(ya)}, {det.dim}) anchors, "
+                        f"got {xd.shape} and {xa.shape}")
+    y = np.r_[ya, np.zeros(len(lo), dtype=np.int8)]
+    groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(len(lo), dtype=np.int64)]
+    refit = fit_logistic(np.vstack([xa, xd]), y, c=c, sample_weight=balanced_weights(y, groups)).coef
+    cov = stats.covariance()
+    w = per_data_sd(det.direction(), cov) + weight * per_data_sd(refit, cov)
+    anchor_logit = (xa - det.mean) @ w
+    platt = fit_logistic(anchor_logit[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
+    slope = float(platt.coef[0])
+    if slope <= 0:
+        raise SaftError("adapt: the refitted probe ranks the anchors backwards; score with --no-adapt")
+    return one_direction(det, w, scale=slope, intercept=platt.intercept, link="logistic", meta={
+        **det.meta, "adapted_whole": {"bottom": bottom, "c": c, "weight": weight, "rows": len(lo),
+                                      "platt_slope": round(slope, 4)}})

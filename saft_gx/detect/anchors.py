@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core import defaults
-from .adapt import adapt_probe
+from .adapt import adapt_probe, adapt_whole_state
 from .blend import ArrayStore, blend_full_probe
 from .calibrate import anchor_detector
 from ..core.errors import SaftError
@@ -77,7 +77,8 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
                 anchor_vectors: Callable[[], np.ndarray] | None = None, anchor_labels: np.ndarray | None = None,
                 meta: dict[str, Any] | None = None,
                 data_coords: Callable[[Detector], np.ndarray] | None = None, adapt: bool = defaults.ADAPT,
-                probe_store: ArrayStore | None = None) -> Detector:
+                probe_store: ArrayStore | None = None,
+                data_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> Detector:
     """The detector ``saft-gx score`` fits on an unlabelled dataset.
 
     With anchors (the default): the ``probe`` variant in the data's top-k subspace (of the vectors, or, when they
@@ -89,7 +90,9 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     ``data_coords(det)`` returns the dataset's (n, k) coordinates in ``det``'s subspace (one more pass over the
     rows); with it and ``adapt``, the probe is adapted to the data (``adapt.adapt_probe``) when the data has at
     least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not. The probe is then blended
-    with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not).
+    with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not),
+    and, given ``data_rows(idx)`` (the vectors of rows ``idx``), the blend is adapted to the data's least suspicious
+    rows in the whole state (``adapt.adapt_whole_state``; ``meta["adapted_whole"]``).
     ``probe_store`` keeps the anchors' whole-state probes between runs (``blend.anchor_probes``).
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
@@ -120,4 +123,8 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
         det = adapt_probe(det, data_coords(det), det.project(xa), y)
     if variant == "probe" and defaults.BLEND_WEIGHT > 0:
         det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT, c=defaults.BLEND_C, store=probe_store)
+        if why_not is None and defaults.ADAPT_WHOLE and data_rows is not None:
+            det = adapt_whole_state(det, stats, data_coords(det)[:, 0], data_rows, xa, y)
+        else:
+            det = det.with_(meta={**det.meta, "adapted_whole": False})
     return det

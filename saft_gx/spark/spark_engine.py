@@ -195,6 +195,19 @@ def collect_coords(emb: Any, detector: Detector) -> np.ndarray:
     return np.frombuffer(b"".join(got["coords"]), dtype=np.float32).reshape(len(got), detector.k)
 
 
+def collect_rows(emb: Any, idx: np.ndarray, dim: int) -> np.ndarray:
+    """(len(idx), dim) float32 vectors of the rows at positions ``idx`` of the row-id order (the order of
+    ``collect_coords``), on the driver: the few thousand rows the default detector is adapted to."""
+    from pyspark.sql import functions as F
+
+    ids = np.sort(emb.select("row_id").toPandas()["row_id"].to_numpy(dtype=np.int64))
+    wanted = ids[np.asarray(idx, dtype=np.int64)]
+    got = emb.where(F.col("row_id").isin([int(i) for i in np.unique(wanted)])).select("row_id", "emb").toPandas()
+    vecs = _vectors(got, dim)
+    where = {int(r): i for i, r in enumerate(got["row_id"].to_numpy(dtype=np.int64))}
+    return vecs[[where[int(r)] for r in wanted]]
+
+
 def _vectors(df: Any, dim: int) -> np.ndarray:
     """float32 (n, d) from the float16 bytes column, exactly as the local cache hands them out."""
     return np.frombuffer(b"".join(df["emb"]), dtype=np.float16).reshape(len(df), dim).astype(np.float32)
@@ -321,7 +334,8 @@ def score_file(path: str | Path, out_path: str | Path, *, opts: EmbedOptions, co
                         "fitted_on": ds.path.name, "columns": spec.to_dict(), "engine": "spark"}
                 detector = fit_default(stats, k=k, weighting=weighting, anchors=anchors, meta=meta,
                                        anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim),
-                                       data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt)
+                                       data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt,
+                                       data_rows=lambda idx: collect_rows(emb, idx, dim))
             scores = emb.mapInPandas(score_fn(detector), "row_id long, text_sha256 string, harm_score double").cache()
             rows = scores.count()
             if rows != n:

@@ -35,7 +35,7 @@ from ..gx.scoring import (ROW_SCORES, SaftRowScores, ScoredRows, batch_threshold
                          embed_options, load_detector, threshold_rule)
 from ..pipeline import EmbedOptions, embedding_meta
 from ..embedding.rows import MESSAGES_COLUMNS, ColumnSpec, detect_columns
-from .spark_engine import (anchor_vectors, collect_coords, embed_fn, executor_session, score_fn, stats_tree_aggregate,
+from .spark_engine import (anchor_vectors, collect_coords, collect_rows, embed_fn, executor_session, score_fn, stats_tree_aggregate,
                            worker_errors, describe_model, resolve_options)
 from ..core.subspace import Detector
 
@@ -89,7 +89,8 @@ def spark_row_scores(sdf: Any, column: str, kw: Dict[str, Any]) -> SparkScoredRo
                 det = fit_default(stats_tree_aggregate(emb, dim), k=int(kw["k"]) if kw.get("k") else None,
                                   anchors=USE_ANCHORS, meta=meta,
                                   anchor_vectors=lambda: anchor_vectors(spark, ropts, lm.fingerprint, dim),
-                                  data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt)
+                                  data_coords=lambda d: collect_coords(emb, d), adapt=ropts.adapt,
+                                  data_rows=lambda idx: collect_rows(emb, idx, dim))
             scored = emb.mapInPandas(score_fn(det), "row_id long, text_sha256 string, harm_score double") \
                 .select("row_id", "harm_score").toPandas().sort_values("row_id")
         finally:

@@ -16,8 +16,9 @@ Honesty rules it follows:
   rows. Without: harmful vs benign rows of the file.
 - **Trivial baseline** beside every AUROC: the response length in characters (AUROC of length alone, oriented
   as measured; 0.5 = no signal, far from 0.5 either way = the classes differ by length).
-- The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics (layers 12, 18 and 24
-  side by side: the data's SAFT subspace of layer 18 + the built-in anchors, τ = the default probability),
+- The **default** detector is exactly ``anchors.fit_default`` on the mix's own statistics and rows (layers 12, 18
+  and 24 side by side: the data's SAFT subspace of layer 18 + the built-in anchors, adapted to the mix, blended
+  with the whole-state probe and that blend adapted to the mix's benign rows; τ = the default probability),
   **plain SAFT** is the paper's unsupervised score on the layer-18 vectors (``--no-anchors`` scores whole rows
   at its own layer/token),
   **calibrated** is ``calibrate.calibrate`` as ``saft-gx calibrate`` runs it by default (``probe-fused`` on
@@ -102,7 +103,8 @@ def evaluate(xs: dict[int, np.ndarray], y: np.ndarray, resp_len: np.ndarray, anc
              rng: np.random.Generator, *, with_calibration: bool, calibrate_search: bool = False) -> dict:
     x = np.hstack([xs[layer] for layer in STACK])
     stats = MomentStats(x.shape[1]).update(x)
-    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta=DEFAULT_META, data_coords=lambda d: d.project(x))
+    det = fit_default(stats, anchor_vectors=lambda: anchors_x, meta=DEFAULT_META, data_coords=lambda d: d.project(x),
+                      data_rows=lambda idx: x[idx])
     s = det.score(x)
     unadapted = fit_default(stats, anchor_vectors=lambda: anchors_x, meta=DEFAULT_META, adapt=False).score(x)
     flags = s > det.threshold
@@ -160,12 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blend-weight", type=float, help="the whole-state probe's share in the default detector "
                     f"(default {defaults.BLEND_WEIGHT:g}; 0: the subspace probe alone)")
     ap.add_argument("--blend-c", type=float, help=f"the whole-state probe's inverse ridge strength (default {defaults.BLEND_C:g})")
+    ap.add_argument("--no-adapt-whole", action="store_true", help="the default without adapting the blend to the "
+                    "data's benign rows in the whole state (the default before this option)")
     ap.add_argument("--k", type=int, help=f"the default probe's subspace size (default {defaults.K})")
     args = ap.parse_args(argv)
     if args.blend_c is not None:
         defaults.BLEND_C = args.blend_c
     if args.k is not None:
         defaults.K = args.k
+    if args.no_adapt_whole:
+        defaults.ADAPT_WHOLE = False
     if args.tau is not None:
         defaults.PROBABILITY_THRESHOLD = args.tau  # fit_default reads it at call time
     if args.blend_weight is not None:
@@ -225,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
             sel = m.index.to_numpy()
             stats = MomentStats(X.shape[1]).update(X[sel])
             xs = X[sel]
-            det = fit_default(stats, anchor_vectors=lambda: A, meta=DEFAULT_META, data_coords=lambda d: d.project(xs))
+            det = fit_default(stats, anchor_vectors=lambda: A, meta=DEFAULT_META, data_coords=lambda d: d.project(xs),
+                              data_rows=lambda idx: xs[idx])
             results.append({"mix": mix, "lam": 0.0, "seed": seed, "n": len(sel), "harmful": 0,
                             "flagged": float((det.score(X[sel]) > det.threshold).mean())})
     res = pd.DataFrame(results)
