@@ -200,7 +200,7 @@ def rows_cached(ds: Dataset, spec: ColumnSpec, cache: EmbeddingCache, layers: in
             parts.append(_side_by_side(caches, [keys[i - offset] for i in wanted[lo:hi]]))
         offset += len(df)
     if sum(len(p) for p in parts) != len(idx):
-        raise SaftError(f"{ds.path}: rows {wanted[-1]} and others asked for, {offset} rows in the file")
+        raise SaftError(f"{ds.path}: row {wanted[-1]} asked for, {offset} rows in the file; was it changed during the run?")
     out = np.empty((len(idx), parts[0].shape[1] if parts else 0), dtype=np.float32)
     out[order] = np.concatenate(parts) if parts else out[:0]
     return out

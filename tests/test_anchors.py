@@ -187,6 +187,8 @@ def test_fit_adapts_the_blend_to_the_datas_own_rows_read_back_from_the_cache(tin
     idx = np.array([537, 3, 250, 99, 100, 0, 250])  # unsorted, a repeat, rows either side of a frame edge
     np.testing.assert_array_equal(pipeline.rows_cached(ds, spec, cache, 2, idx, frame_rows=100), every[idx])
     assert every.shape == (n, 32) and pipeline.rows_cached(ds, spec, cache, 2, idx[:0]).shape[0] == 0
+    with pytest.raises(SaftError, match=f"row {n} asked for, {n} rows in the file"):
+        pipeline.rows_cached(ds, spec, cache, 2, np.array([5, n]))
 
 
 def test_score_uses_anchors_by_default_and_no_anchors_turns_them_off(tiny_model_dir, toy_parquet, tmp_path):
