@@ -223,6 +223,14 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
             )
         except (ValueError, TypeError):  # architectures without SDPA support
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **model_kwargs)
+        if gguf:
+            quantizer = getattr(model, "hf_quantizer", None)
+            if quantizer is not None:
+                # the tensors are plain floats once loaded; the marker left behind would stop save_pretrained and
+                # make Trainer refuse to train (trainer_utils.validate_quantization_for_training) a trainable model
+                quantizer.remove_quantization_config(model)
+            if torch_dtype == torch.float32 and converted is not None:
+                _keep_converted(model, tokenizer, converted)  # here: its "writing shards" bar stays off too
     except SaftError:
         raise
     except OSError as e:
@@ -231,14 +239,6 @@ def load_model(model_ref: str | None = None, *, device: str | None = None, dtype
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
         quiet_gguf()
-    if gguf:
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:
-            # the tensors are plain floats once loaded; the marker left behind would stop save_pretrained and
-            # make Trainer refuse to train (trainer_utils.validate_quantization_for_training) a trainable model
-            quantizer.remove_quantization_config(model)
-        if torch_dtype == torch.float32 and converted is not None:
-            _keep_converted(model, tokenizer, converted)
     model.to(device)
     model.eval()
     if tokenizer.pad_token_id is None:
