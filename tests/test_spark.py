@@ -158,3 +158,20 @@ def test_gx_expectations_on_spark_match_pandas(spark, tiny_model_dir, tmp_path):
     # the same rows are flagged (above); τ itself agrees to 1 %, not to rounding: with 20 rows the probe is fitted in
     # a 19-direction subspace whose basis Spark's tree-merged sums perturb slightly (to investigate)
     np.testing.assert_allclose(below["details"]["threshold"], on_pandas[0].result["details"]["threshold"], rtol=1e-2)
+
+
+def test_collect_rows_returns_the_vectors_at_positions_of_the_row_id_order(spark):
+    """The rows the default detector is adapted to are asked for by position in row-id order (the order of
+    ``collect_coords``); row ids need not be contiguous (a row_condition drops rows)."""
+    import numpy as np
+    import pandas as pd
+
+    from saft_gx.spark.spark_engine import collect_rows
+
+    rng = np.random.default_rng(0)
+    ids = np.array([3, 10, 11, 40, 41, 42, 97])
+    vecs = rng.normal(size=(len(ids), 4)).astype(np.float16)
+    frame = pd.DataFrame({"row_id": ids[::-1], "emb": [v.tobytes() for v in vecs[::-1]]})
+    emb = spark.createDataFrame(frame, "row_id long, emb binary").repartition(3)
+    idx = np.array([6, 0, 3, 3])
+    np.testing.assert_array_equal(collect_rows(emb, idx, 4), vecs[idx].astype(np.float32))
