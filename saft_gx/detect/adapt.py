@@ -38,6 +38,15 @@ MAX_CELL_ROWS = 20_000  # pseudo-labelled rows per class kept for the fit (evenl
 # logistic fit needs no more, and a million-row dataset then costs ~2 × 20,000 rows of memory, not 850,000
 
 
+def platt_on_anchors(anchor_scores: np.ndarray, anchor_labels: np.ndarray) -> tuple[float, float]:
+    """(slope, intercept) of Platt scaling: the anchors' labels regressed on their scores (one feature, classes
+    weighed the same). A detector's probability keeps its scale from labelled rows this way."""
+    ya = np.asarray(anchor_labels).astype(np.int8)
+    fit = fit_logistic(np.asarray(anchor_scores, dtype=np.float64)[:, None], ya, c=PLATT_C,
+                       sample_weight=balanced_weights(ya))
+    return float(fit.coef[0]), fit.intercept
+
+
 def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarray, anchor_labels: np.ndarray, *,
                 top: float = defaults.ADAPT_TOP, bottom: float = defaults.ADAPT_BOTTOM,
                 rounds: int = defaults.ADAPT_ROUNDS, c: float = PROBE_C) -> Detector:
@@ -69,12 +78,10 @@ def adapt_probe(det: Detector, data_coords: np.ndarray, anchor_coords: np.ndarra
         groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(len(hi) + len(lo), dtype=np.int64)]
         fit = fit_logistic(x, y, c=c, sample_weight=balanced_weights(y, groups))
         w, b = fit.coef, fit.intercept
-    anchor_logit = a @ w + b
-    platt = fit_logistic(anchor_logit[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
-    slope = float(platt.coef[0])
+    slope, intercept = platt_on_anchors(a @ w + b, ya)
     if slope <= 0:
         raise SaftError("adapt: the self-trained probe ranks the anchors backwards; score with --no-adapt")
-    return det.with_(coef=slope * w, intercept=slope * b + platt.intercept, orientation=1, meta={
+    return det.with_(coef=slope * w, intercept=slope * b + intercept, orientation=1, meta={
         **det.meta, "adapted": {"top": top, "bottom": bottom, "rounds": rounds, "rows": n, "platt_slope": round(slope, 4)}})
 
 
@@ -117,11 +124,9 @@ def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray
     refit = fit_logistic(np.vstack([xa, xd]), y, c=c, sample_weight=balanced_weights(y, groups)).coef
     cov = stats.covariance()
     w = per_data_sd(det.direction(), cov) + weight * per_data_sd(refit, cov)
-    anchor_logit = (xa - det.mean) @ w
-    platt = fit_logistic(anchor_logit[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
-    slope = float(platt.coef[0])
+    slope, intercept = platt_on_anchors((xa - det.mean) @ w, ya)
     if slope <= 0:
         raise SaftError("adapt: the refitted probe ranks the anchors backwards; score with --no-adapt")
-    return one_direction(det, w, scale=slope, intercept=platt.intercept, link="logistic", meta={
+    return one_direction(det, w, scale=slope, intercept=intercept, link="logistic", meta={
         **det.meta, "adapted_whole": {"bottom": bottom, "c": c, "weight": weight, "rows": len(lo),
                                       "platt_slope": round(slope, 4)}})

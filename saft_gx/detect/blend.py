@@ -28,7 +28,7 @@ from ..core import defaults
 from ..core.errors import SaftError
 from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
-from .adapt import PLATT_C
+from .adapt import platt_on_anchors
 from .calibrate import balanced_weights, one_direction, per_data_sd, stratified_folds
 
 FOLDS = 5
@@ -106,8 +106,7 @@ def blend_full_probe(det: Detector, stats: MomentStats, anchor_x: np.ndarray, an
         test = probes.fold_of == f
         held_out[test] = xa[test] @ per_data_sd(probes.fold_coef[f], cov)
     anchor_scores = (1 - weight) * (xa @ w_sub) + weight * held_out
-    platt = fit_logistic(anchor_scores[:, None], ya, c=PLATT_C, sample_weight=balanced_weights(ya))
-    slope = float(platt.coef[0])
-    return one_direction(det, w, scale=slope, intercept=platt.intercept, link="logistic",
+    slope, intercept = platt_on_anchors(anchor_scores, ya)
+    return one_direction(det, w, scale=slope, intercept=intercept, link="logistic",
                          meta={**det.meta, "subspace_k": det.k,
                                "blend": {"full_probe_weight": weight, "c": c, "platt_slope": round(slope, 4)}})
