@@ -56,7 +56,8 @@ def layers_phrase(meta: dict) -> str:
 
 
 def anchors_phrase(meta: dict) -> str:
-    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted to 480 of the rows)`` /
+    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted to 480 of the rows; each
+    row lent its 15 nearest rows' scores (of 600))`` /
     `` (built-in anchors; not adapted: <why>; …)`` / ``""``."""
     if not meta.get("anchors"):
         return ""
@@ -64,6 +65,9 @@ def anchors_phrase(meta: dict) -> str:
     whole = meta.get("adapted_whole")
     if blended and isinstance(whole, dict):
         blended += f", adapted to {whole.get('rows')} of the rows"
+    near = meta.get("neighbours")
+    if blended and isinstance(near, dict):
+        blended += f"; each row lent its {near.get('k')} nearest rows' scores (of {near.get('rows')})"
     adapted = meta.get("adapted")
     if isinstance(adapted, dict):
         return f" (built-in anchors, adapted to {adapted.get('rows')} rows{blended})"

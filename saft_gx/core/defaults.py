@@ -36,6 +36,17 @@ ADAPT_WHOLE_BOTTOM = 0.8
 ADAPT_WHOLE_C = 0.003  # stronger ridge than the anchors-only probe: the data's rows are many and alike
 ADAPT_WHOLE_WEIGHT = 2.0  # the refitted probe's logit against the blend's, each in the data's standard deviations
 ADAPT_WHOLE_ROWS = 2000  # data rows it is refitted on at most (evenly over the ranks): 2000 × 1,728 × 8 B = 28 MB
+# lending each row its nearest data rows' scores (saft_gx/core/neighbours.py, adapt.lend_neighbours): OFF by default.
+# On the benchmark's development half (+ the mean score of 15 nearest rows, cosine in the top 32 whitened principal
+# directions, at twice the row's own weight, Platt on the anchors) AUROC rose at λ ≥ 0.1 (+0.01 to +0.04) but the
+# probabilities shrank (the anchors' neighbours say little): at a τ that keeps clean sets ≤ 2 % flagged, fewer harmful
+# rows were flagged at λ ≤ 0.1 than without it, so the release gate would pass more contaminated sets.
+# tests/bench/detection.py --neighbours measures it.
+NEIGHBOURS = False
+NEIGHBOURS_DIMS = 32
+NEIGHBOURS_K = 15
+NEIGHBOURS_WEIGHT = 2.0
+NEIGHBOURS_ROWS = 2000  # the reference kept in the detector: 2,000 × 32 float64 = 0.5 MB
 PROBABILITY_THRESHOLD = 0.98  # chosen on the benchmark's development half: ≤ 2 % of clean rows flagged on every draw (the
 #                              release gate's budget; 0.97 flagged 2.2 % of one clean draw once the blend was adapted to the data)
 

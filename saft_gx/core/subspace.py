@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import SaftError
+from .neighbours import Neighbours
 from .outputs import file_mode
 
 WEIGHTINGS = ("none", "sigma", "whiten")
@@ -103,6 +104,8 @@ class Detector:
     meta: the embedding it belongs to (model fingerprint, layer, token, …) and provenance.
     intercept, link: for ``linear`` detectors, score = link(orientation · Σ_j w_j ⟨x − μ, v_j⟩ + intercept);
         ``logistic`` makes the score a probability of harm (a logistic probe fitted on labelled rows).
+    neighbours: for ``linear`` detectors, what a row's nearest rows of the fitted dataset add to its score before
+        the link (``saft_gx.core.neighbours``); None: each row is scored alone.
     """
 
     mean: np.ndarray
@@ -116,6 +119,7 @@ class Detector:
     coef: np.ndarray | None = None
     intercept: float = 0.0
     link: str = "identity"
+    neighbours: Neighbours | None = None
 
     def __post_init__(self) -> None:
         if self.form not in FORMS:
@@ -128,6 +132,8 @@ class Detector:
             raise SaftError(f"link {self.link!r}: choose one of {', '.join(LINKS)}")
         if self.form == "linear" and self.coef is None:
             raise SaftError("a linear detector needs coef (one signed weight per direction)")
+        if self.neighbours is not None and (self.form != "linear" or self.neighbours.basis.shape[1] != self.dim):
+            raise SaftError("neighbours belong to a linear detector of the same embedding size")
 
     @property
     def k(self) -> int:
@@ -195,6 +201,8 @@ class Detector:
         proj = self.project(x)
         if self.form == "linear":
             z = self.orientation * (proj @ self._weights()) + self.intercept
+            if self.neighbours is not None:
+                z = z + self.neighbours.lift(np.asarray(x, dtype=np.float64) - self.mean)
             return np.exp(-np.logaddexp(0.0, -z)) if self.link == "logistic" else z
         return self.orientation * (proj**2 @ self._weights())
 
@@ -217,6 +225,8 @@ class Detector:
             "threshold": self.threshold,
             "form": self.form,
             **({"intercept": self.intercept, "link": self.link} if self.link != "identity" or self.intercept else {}),
+            **({"neighbours_k": self.neighbours.k, "neighbours_weight": self.neighbours.weight}
+               if self.neighbours is not None else {}),
             **{k: v for k, v in self.meta.items()},
         }
 
@@ -236,6 +246,11 @@ class Detector:
         }
         if self.form != "squared":
             ident["form"] = self.form
+        if self.neighbours is not None:
+            nb = self.neighbours
+            for a in (nb.basis, nb.reference, nb.values):
+                h.update(b"neighbours" + np.ascontiguousarray(a, dtype=np.float64).tobytes())
+            ident["neighbours"] = {"k": nb.k, "weight": nb.weight}
         if self.link != "identity" or self.intercept:
             ident["link"], ident["intercept"] = self.link, float(self.intercept)
         h.update(json.dumps(ident, sort_keys=True).encode())
@@ -258,6 +273,9 @@ class Detector:
         tensors = {"mean": self.mean, "components": self.components, "singular_values": self.singular_values}
         if self.coef is not None:
             tensors["coef"] = np.asarray(self.coef, dtype=np.float64)
+        if self.neighbours is not None:
+            tensors.update(neighbours_basis=self.neighbours.basis, neighbours_reference=self.neighbours.reference,
+                           neighbours_values=self.neighbours.values)
         _atomic_write(d / "detector.safetensors", lambda p: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(p)))
         _atomic_write(d / "detector.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
         return d
@@ -287,6 +305,15 @@ class Detector:
         form = meta.pop("form", "squared")
         intercept = float(meta.pop("intercept", 0.0))
         link = meta.pop("link", "identity")
+        nb_k, nb_weight = meta.pop("neighbours_k", None), meta.pop("neighbours_weight", None)
+        neighbours = None
+        if nb_k is not None:
+            try:
+                neighbours = Neighbours(t["neighbours_basis"].astype(np.float64),
+                                        t["neighbours_reference"].astype(np.float64),
+                                        t["neighbours_values"].astype(np.float64), int(nb_k), float(nb_weight))
+            except KeyError as e:
+                raise SaftError(f"--detector {directory}: detector.json names neighbours but {e} is missing") from None
         det = cls(
             mean=t["mean"].astype(np.float64),
             components=t["components"].astype(np.float64),
@@ -299,6 +326,7 @@ class Detector:
             coef=t["coef"].astype(np.float64) if "coef" in t else None,
             intercept=intercept,
             link=link,
+            neighbours=neighbours,
         )
         return det
 

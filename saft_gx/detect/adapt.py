@@ -29,6 +29,7 @@ import numpy as np
 
 from ..core import defaults
 from ..core.errors import SaftError
+from ..core.neighbours import Neighbours
 from ..core.probe import fit_logistic
 from ..core.subspace import Detector, MomentStats
 from .calibrate import PROBE_C, balanced_weights, one_direction, per_data_sd
@@ -107,12 +108,7 @@ def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray
     anchors; ``meta["adapted_whole"]`` records the settings."""
     if det.form != "linear" or det.link != "logistic" or det.k != 1:
         raise SaftError("only the blended one-direction probe can be adapted in the whole state")
-    s = np.asarray(data_scores, dtype=np.float64).reshape(-1)
-    n = len(s)
-    n_bottom = int(round(bottom * n))
-    if not 0 < bottom < 1 or n_bottom < 1:
-        raise SaftError(f"adapt: {n} rows are too few to take the bottom {bottom:.0%} as benign")
-    lo = np.sort(spread_rows(np.argsort(s, kind="stable")[:n_bottom], most))
+    lo = benign_rows(data_scores, bottom, most)
     xd = np.asarray(data_rows(lo), dtype=np.float64)
     xa = np.asarray(anchor_x, dtype=np.float64)
     ya = np.asarray(anchor_y).astype(np.int8)
@@ -130,3 +126,54 @@ def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray
     return one_direction(det, w, scale=slope, intercept=intercept, link="logistic", meta={
         **det.meta, "adapted_whole": {"bottom": bottom, "c": c, "weight": weight, "rows": len(lo),
                                       "platt_slope": round(slope, 4)}})
+
+
+def benign_rows(data_scores: np.ndarray, bottom: float = defaults.ADAPT_WHOLE_BOTTOM,
+                most: int = defaults.ADAPT_WHOLE_ROWS) -> np.ndarray:
+    """The rows ``adapt_whole_state`` reads (sorted positions): at most ``most`` of the ``bottom`` share of rows
+    with the lowest ``data_scores``, evenly over their ranks."""
+    s = np.asarray(data_scores).reshape(-1)
+    n_bottom = int(round(bottom * len(s)))
+    if not 0 < bottom < 1 or n_bottom < 1:
+        raise SaftError(f"adapt: {len(s)} rows are too few to take the bottom {bottom:.0%} as benign")
+    return np.sort(spread_rows(np.argsort(s, kind="stable")[:n_bottom], most))
+
+
+def reference_rows(data_scores: np.ndarray, most: int = defaults.NEIGHBOURS_ROWS) -> np.ndarray:
+    """The rows ``lend_neighbours`` keeps as the reference (sorted positions): at most ``most``, evenly over the
+    ranks of ``data_scores``, so the sample holds harmful and benign rows in the data's own proportion."""
+    return np.sort(spread_rows(np.argsort(np.asarray(data_scores).reshape(-1), kind="stable"), most))
+
+
+def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
+                    data_rows: Callable[[np.ndarray], np.ndarray], anchor_x: np.ndarray, anchor_y: np.ndarray, *,
+                    dims: int = defaults.NEIGHBOURS_DIMS, k: int = defaults.NEIGHBOURS_K,
+                    weight: float = defaults.NEIGHBOURS_WEIGHT, most: int = defaults.NEIGHBOURS_ROWS) -> Detector:
+    """The one-direction logistic detector ``det`` with each row's logit raised by ``weight`` × the mean score of
+    its ``k`` nearest rows among a reference sample of the data (``core.neighbours``), Platt-scaled on the
+    anchors (whose neighbours are looked up among the same data rows).
+
+    data_scores: (n,) any increasing function of ``det``'s score on every row (to spread the sample over ranks).
+    data_rows(idx): the (m, d) vectors of rows ``idx`` (at most ``most`` of them). ``meta["neighbours"]`` records
+    the settings."""
+    if det.form != "linear" or det.link != "logistic" or det.k != 1:
+        raise SaftError("only the blended one-direction probe can lend its rows' neighbours")
+    ref = reference_rows(data_scores, most)
+    if len(ref) <= k:
+        raise SaftError(f"neighbours: {len(ref)} rows are too few for {k} neighbours each")
+    xr = np.asarray(data_rows(ref), dtype=np.float64)
+    xa = np.asarray(anchor_x, dtype=np.float64)
+    ya = np.asarray(anchor_y).astype(np.int8)
+    if xr.shape != (len(ref), det.dim) or xa.shape != (len(ya), det.dim):
+        raise SaftError(f"expected ({len(ref)}, {det.dim}) data rows and ({len(ya)}, {det.dim}) anchors, "
+                        f"got {xr.shape} and {xa.shape}")
+    w = det.direction()  # logit = ⟨x − μ, w⟩ + intercept
+    xr, xa = xr - det.mean, xa - det.mean  # new arrays: the caller's anchors stay as they are
+    nb = Neighbours.fit(stats.covariance(), xr, xr @ w, m=min(dims, det.dim), k=k)
+    slope, intercept = platt_on_anchors(xa @ w + weight * nb.mean_value(xa), ya)
+    if slope <= 0:
+        raise SaftError("neighbours: the smoothed score ranks the anchors backwards; score with --no-adapt")
+    return det.with_(coef=slope * np.asarray(det.coef, dtype=np.float64), intercept=intercept,
+                     neighbours=nb.with_weight(slope * weight), meta={
+                         **det.meta, "neighbours": {"dims": nb.basis.shape[0], "k": k, "weight": weight,
+                                                    "rows": len(ref), "platt_slope": round(slope, 4)}})

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core import defaults
-from .adapt import adapt_probe, adapt_whole_state
+from .adapt import adapt_probe, adapt_whole_state, benign_rows, lend_neighbours, reference_rows
 from .blend import ArrayStore, blend_full_probe
 from .calibrate import anchor_detector
 from ..core.errors import SaftError
@@ -92,7 +92,8 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not. The probe is then blended
     with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not),
     and, given ``data_rows(idx)`` (the vectors of rows ``idx``), the blend is adapted to the data's least suspicious
-    rows in the whole state (``adapt.adapt_whole_state``; ``meta["adapted_whole"]``).
+    rows in the whole state (``adapt.adapt_whole_state``; ``meta["adapted_whole"]``), and each row's score is raised
+    by its nearest data rows' (``adapt.lend_neighbours``; ``meta["neighbours"]``).
     ``probe_store`` keeps the anchors' whole-state probes between runs (``blend.anchor_probes``).
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
@@ -123,8 +124,18 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
         det = adapt_probe(det, data_coords(det), det.project(xa), y)
     if variant == "probe" and defaults.BLEND_WEIGHT > 0:
         det = blend_full_probe(det, stats, xa, y, weight=defaults.BLEND_WEIGHT, c=defaults.BLEND_C, store=probe_store)
-        if why_not is None and defaults.ADAPT_WHOLE and data_rows is not None:
-            det = adapt_whole_state(det, stats, data_coords(det)[:, 0], data_rows, xa, y)
-        else:
-            det = det.with_(meta={**det.meta, "adapted_whole": False})
+        if why_not is None and data_rows is not None and (defaults.ADAPT_WHOLE or defaults.NEIGHBOURS):
+            s = data_coords(det)[:, 0]
+            want = np.union1d(benign_rows(s) if defaults.ADAPT_WHOLE else [],
+                              reference_rows(s) if defaults.NEIGHBOURS else []).astype(np.int64)
+            got = np.asarray(data_rows(want))  # one pass over the rows for both steps
+
+            def rows(idx: np.ndarray) -> np.ndarray:
+                return got[np.searchsorted(want, idx)]
+
+            if defaults.ADAPT_WHOLE:
+                det = adapt_whole_state(det, stats, s, rows, xa, y)
+            if defaults.NEIGHBOURS:
+                det = lend_neighbours(det, stats, s, rows, xa, y)
+        det = det.with_(meta={"adapted_whole": False, "neighbours": False, **det.meta})
     return det
