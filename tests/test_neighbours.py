@@ -120,3 +120,13 @@ def test_a_detector_with_neighbours_survives_save_and_load(tmp_path, monkeypatch
     save_file({k: v for k, v in t.items() if not k.startswith("neighbours")}, str(tmp_path / "det" / "detector.safetensors"))
     with pytest.raises(SaftError, match="names neighbours but 'neighbours_basis' is missing"):
         Detector.load(tmp_path / "det")
+
+
+def test_the_cli_line_says_how_many_neighbours_each_row_was_lent():
+    from saft_gx.cli.score import anchors_phrase
+
+    meta = {"anchors": "built-in", "adapted": {"rows": 600}, "blend": {"full_probe_weight": 0.5},
+            "adapted_whole": {"rows": 480}, "neighbours": {"k": 15, "rows": 600}}
+    assert anchors_phrase(meta) == (" (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted "
+                                    "to 480 of the rows; each row lent its 15 nearest rows' scores (of 600))")
+    assert "nearest" not in anchors_phrase({**meta, "neighbours": False})
