@@ -130,3 +130,14 @@ def test_the_cli_line_says_how_many_neighbours_each_row_was_lent():
     assert anchors_phrase(meta) == (" (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted "
                                     "to 480 of the rows; each row lent its 15 nearest rows' scores (of 600))")
     assert "nearest" not in anchors_phrase({**meta, "neighbours": False})
+
+
+def test_a_new_direction_drops_the_neighbours_lent_under_the_old_one(monkeypatch):
+    from saft_gx.detect.calibrate import one_direction
+
+    monkeypatch.setattr(defaults, "NEIGHBOURS", True)
+    x, y, xa, ya = _clustered(2)
+    det = fit_default(MomentStats(16).update(x), k=1, anchor_vectors=lambda: xa, anchor_labels=ya,
+                      data_coords=lambda d: d.project(x), data_rows=lambda idx: x[idx])
+    assert det.neighbours is not None
+    assert one_direction(det, np.ones(16), link="logistic").neighbours is None

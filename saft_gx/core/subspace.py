@@ -191,7 +191,8 @@ class Detector:
         return (x - self.mean) @ self.components.T
 
     def direction(self) -> np.ndarray:
-        """(d,) w with score = link(⟨x − μ, w⟩ + intercept): the direction a linear detector reads."""
+        """(d,) w with score = link(⟨x − μ, w⟩ + intercept): the direction a linear detector reads (plus what its
+        ``neighbours`` add, when it has them)."""
         if self.form != "linear":
             raise SaftError("only a linear detector has one direction")
         return self.orientation * (self.components.T @ self._weights())

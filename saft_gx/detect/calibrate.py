@@ -159,10 +159,12 @@ def fit_variant(base: Detector, variant: str, k: int, x: np.ndarray | None = Non
 def one_direction(det: Detector, w: np.ndarray, *, scale: float = 1.0, intercept: float = 0.0,
                   link: str = "identity", **changes: Any) -> Detector:
     """``det`` (its mean) reading one direction: score = link(scale·⟨x − μ, w⟩ + intercept), stored as the unit
-    vector w/‖w‖ with weight scale·‖w‖ (the full-space probes and the blends are all of this form)."""
+    vector w/‖w‖ with weight scale·‖w‖ (the full-space probes and the blends are all of this form). Neighbours
+    ``det`` lent its rows are dropped: their scores were ``det``'s, not this direction's."""
     norm = float(np.linalg.norm(w)) or 1.0
     return det.with_(components=(w / norm)[None, :], singular_values=np.zeros(1), weighting="none", form="linear",
-                     coef=np.array([scale * norm]), intercept=float(intercept), link=link, orientation=1, **changes)
+                     coef=np.array([scale * norm]), intercept=float(intercept), link=link, orientation=1,
+                     **{"neighbours": None, **changes})
 
 
 def prior_in(key_layer: int | tuple[int, ...], direction: np.ndarray, at_layers: int | tuple[int, ...]) -> np.ndarray | None:
