@@ -109,12 +109,7 @@ def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray
     if det.form != "linear" or det.link != "logistic" or det.k != 1:
         raise SaftError("only the blended one-direction probe can be adapted in the whole state")
     lo = benign_rows(data_scores, bottom, most)
-    xd = np.asarray(data_rows(lo), dtype=np.float64)
-    xa = np.asarray(anchor_x, dtype=np.float64)
-    ya = np.asarray(anchor_y).astype(np.int8)
-    if xd.shape != (len(lo), det.dim) or xa.shape != (len(ya), det.dim):
-        raise SaftError(f"expected ({len(lo)}, {det.dim}) data rows and ({len(ya)}, {det.dim}) anchors, "
-                        f"got {xd.shape} and {xa.shape}")
+    xd, xa, ya = _rows_and_anchors(det, lo, data_rows, anchor_x, anchor_y)
     y = np.r_[ya, np.zeros(len(lo), dtype=np.int8)]
     groups = np.r_[np.zeros(len(ya), dtype=np.int64), np.ones(len(lo), dtype=np.int64)]
     refit = fit_logistic(np.vstack([xa, xd]), y, c=c, sample_weight=balanced_weights(y, groups)).coef
@@ -126,6 +121,18 @@ def adapt_whole_state(det: Detector, stats: MomentStats, data_scores: np.ndarray
     return one_direction(det, w, scale=slope, intercept=intercept, link="logistic", meta={
         **det.meta, "adapted_whole": {"bottom": bottom, "c": c, "weight": weight, "rows": len(lo),
                                       "platt_slope": round(slope, 4)}})
+
+
+def _rows_and_anchors(det: Detector, idx: np.ndarray, data_rows: Callable[[np.ndarray], np.ndarray],
+                      anchor_x: np.ndarray, anchor_y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The data rows ``idx`` and the anchors as float64 (n, ``det.dim``) arrays, and the anchors' labels."""
+    xd = np.asarray(data_rows(idx), dtype=np.float64)
+    xa = np.asarray(anchor_x, dtype=np.float64)
+    ya = np.asarray(anchor_y).astype(np.int8)
+    if xd.shape != (len(idx), det.dim) or xa.shape != (len(ya), det.dim):
+        raise SaftError(f"expected ({len(idx)}, {det.dim}) data rows and ({len(ya)}, {det.dim}) anchors, "
+                        f"got {xd.shape} and {xa.shape}")
+    return xd, xa, ya
 
 
 def benign_rows(data_scores: np.ndarray, bottom: float = defaults.ADAPT_WHOLE_BOTTOM,
@@ -161,12 +168,7 @@ def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
     ref = reference_rows(data_scores, most)
     if len(ref) <= k:
         raise SaftError(f"neighbours: {len(ref)} rows are too few for {k} neighbours each")
-    xr = np.asarray(data_rows(ref), dtype=np.float64)
-    xa = np.asarray(anchor_x, dtype=np.float64)
-    ya = np.asarray(anchor_y).astype(np.int8)
-    if xr.shape != (len(ref), det.dim) or xa.shape != (len(ya), det.dim):
-        raise SaftError(f"expected ({len(ref)}, {det.dim}) data rows and ({len(ya)}, {det.dim}) anchors, "
-                        f"got {xr.shape} and {xa.shape}")
+    xr, xa, ya = _rows_and_anchors(det, ref, data_rows, anchor_x, anchor_y)
     w = det.direction()  # logit = ⟨x − μ, w⟩ + intercept
     xr, xa = xr - det.mean, xa - det.mean  # new arrays: the caller's anchors stay as they are
     nb = Neighbours.fit(stats.covariance(), xr, xr @ w, m=min(dims, det.dim), k=k)
