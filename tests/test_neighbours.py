@@ -141,3 +141,22 @@ def test_a_new_direction_drops_the_neighbours_lent_under_the_old_one(monkeypatch
                       data_coords=lambda d: d.project(x), data_rows=lambda idx: x[idx])
     assert det.neighbours is not None
     assert one_direction(det, np.ones(16), link="logistic").neighbours is None
+
+
+def test_fit_default_reads_the_rows_once_and_refuses_a_step_asking_for_others(monkeypatch):
+    import saft_gx.detect.anchors as anchors_mod
+
+    monkeypatch.setattr(defaults, "NEIGHBOURS", True)
+    x, y, xa, ya = _clustered(3, n=700)
+    calls = []
+
+    def rows(idx):
+        calls.append(len(idx))
+        return x[idx]
+
+    kw = dict(k=1, anchor_vectors=lambda: xa, anchor_labels=ya, data_coords=lambda d: d.project(x), data_rows=rows)
+    fit_default(MomentStats(16).update(x), **kw)
+    assert calls == [700]  # both steps from one read: the reference (all 700) holds the benign 560
+    monkeypatch.setattr(anchors_mod, "reference_rows", lambda s: np.arange(5))
+    with pytest.raises(SaftError, match="asked for rows that were not read"):
+        fit_default(MomentStats(16).update(x), **kw)

@@ -131,7 +131,10 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
             got = np.asarray(data_rows(want))  # one pass over the rows for both steps
 
             def rows(idx: np.ndarray) -> np.ndarray:
-                return got[np.searchsorted(want, idx)]
+                at = np.minimum(np.searchsorted(want, idx), len(want) - 1)
+                if not np.array_equal(want[at], idx):  # a step asking for rows not read above would get others
+                    raise SaftError("fit_default: a whole-state step asked for rows that were not read")
+                return got[at]
 
             if defaults.ADAPT_WHOLE:
                 det = adapt_whole_state(det, stats, s, rows, xa, y)
