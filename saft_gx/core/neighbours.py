@@ -46,13 +46,11 @@ class Neighbours:
             raise SaftError(f"neighbours: k={self.k} needs more than k reference rows (got {len(self.values)})")
 
     @classmethod
-    def fit(cls, cov: np.ndarray, centred_rows: np.ndarray, values: np.ndarray, *, m: int, k: int,
+    def fit(cls, basis: np.ndarray, centred_rows: np.ndarray, values: np.ndarray, *, k: int,
             weight: float = 1.0) -> "Neighbours":
-        """From the data's covariance ``cov`` (d, d), the reference rows ``centred_rows`` (r, d) (x − μ) and their
-        linear scores ``values`` (r,)."""
-        evals, evecs = np.linalg.eigh(np.asarray(cov, dtype=np.float64))
-        top = np.argsort(evals)[::-1][:m]
-        basis = (evecs[:, top] / np.sqrt(np.maximum(evals[top], 1e-12 * max(float(evals.max()), 1e-300)))).T
+        """From the whitened principal directions ``basis`` (m, d), the reference rows ``centred_rows`` (r, d)
+        (x − μ) and their linear scores ``values`` (r,)."""
+        basis = np.asarray(basis, dtype=np.float64)
         return cls(basis=basis, reference=_unit(np.asarray(centred_rows, dtype=np.float64) @ basis.T),
                    values=np.asarray(values, dtype=np.float64), k=k, weight=weight)
 

@@ -171,7 +171,9 @@ def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
     xr, xa, ya = _rows_and_anchors(det, ref, data_rows, anchor_x, anchor_y)
     w = det.direction()  # logit = ⟨x − μ, w⟩ + intercept
     xr, xa = xr - det.mean, xa - det.mean  # new arrays: the caller's anchors stay as they are
-    nb = Neighbours.fit(stats.covariance(), xr, xr @ w, m=min(dims, det.dim), k=k)
+    pcs = Detector.fit(stats, k=min(dims, det.dim))  # the data's top principal directions, σ_j = sqrt(n·λ_j)
+    sd = np.maximum(pcs.singular_values / np.sqrt(stats.n), 1e-12 * max(float(pcs.singular_values.max()), 1e-300))
+    nb = Neighbours.fit(pcs.components / sd[:, None], xr, xr @ w, k=k)  # whitened: each direction in its sd
     slope, intercept = platt_on_anchors(xa @ w + weight * nb.mean_value(xa), ya)
     if slope <= 0:
         raise SaftError("neighbours: the smoothed score ranks the anchors backwards; score with --no-adapt")
