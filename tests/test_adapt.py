@@ -152,6 +152,7 @@ def _fit1(x, xa, ya, **kw):
 
 def test_the_blend_is_adapted_to_the_datas_benign_rows_in_the_whole_state(monkeypatch):
     monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
+    monkeypatch.setattr(defaults, "NEIGHBOURS", False)  # this step alone (the neighbours: tests/test_neighbours.py)
     gains, clean_flagged = [], []
     for seed in range(3):
         x, y, xa, ya = _domain_shifted(seed)

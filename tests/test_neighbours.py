@@ -1,6 +1,9 @@
-"""Lending each row its nearest data rows' scores (core/neighbours.py, adapt.lend_neighbours): off by default."""
+"""A row's score moved by its nearest data rows' scores (core/neighbours.py, adapt.lend_neighbours). The default
+lowers only the rows whose neighbours score below the data's median; "both ways" (Platt-scaled again) is measured,
+not the default."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,6 +34,11 @@ def test_a_row_takes_the_mean_of_its_k_nearest_reference_rows_and_never_its_own_
     # only the direction counts (cosine), and the weight scales what is added to the logit
     assert nb.mean_value(5 * ref[:2]) == pytest.approx([3.0, 2.5])
     assert nb.with_weight(2.0).lift(ref[:1]) == pytest.approx([6.0])
+    # down only, centred at 4: the 0° row (neighbours' mean 3) sinks by 2 × 1; the 135° row (mean 12) stays put
+    down = Neighbours(nb.basis, ref, nb.values, k=2, weight=2.0, centre=4.0, down_only=True)
+    assert down.lift(np.vstack([ref[:1], new[1:]])) == pytest.approx([-2.0, 0.0])
+    both = Neighbours(nb.basis, ref, nb.values, k=2, weight=2.0, centre=4.0)
+    assert both.lift(np.vstack([ref[:1], new[1:]])) == pytest.approx([-2.0, 16.0])
 
 
 def test_a_duplicate_of_a_row_counts_as_its_neighbour_once():
@@ -61,23 +69,50 @@ def _clustered(seed, n=800, lam=0.1):
     return x, y, xa, ya
 
 
-def test_lending_neighbours_ranks_a_cluster_of_harmful_rows_higher_and_leaves_the_anchors_as_they_were(monkeypatch):
+def _plain_and_lent(monkeypatch, seed, down_only):
+    x, y, xa, ya = _clustered(seed)
+    xa_before = xa.copy()
+    kw = dict(k=1, anchor_vectors=lambda: xa, anchor_labels=ya, data_coords=lambda d: d.project(x),
+              data_rows=lambda idx: x[idx])
+    monkeypatch.setattr(defaults, "NEIGHBOURS", False)
+    plain = fit_default(MomentStats(16).update(x), **kw)
+    monkeypatch.setattr(defaults, "NEIGHBOURS", True)
+    monkeypatch.setattr(defaults, "NEIGHBOURS_DOWN_ONLY", down_only)
+    lent = fit_default(MomentStats(16).update(x), **kw)
+    np.testing.assert_array_equal(xa, xa_before)  # the caller's anchors are not centred in place
+    assert plain.neighbours is None and plain.meta["neighbours"] is False
+    return x, y, plain, lent
+
+
+def test_by_default_rows_among_low_scoring_neighbours_sink_and_no_row_rises(monkeypatch):
     monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
     gains = []
     for seed in range(3):
-        x, y, xa, ya = _clustered(seed)
-        xa_before = xa.copy()
-        kw = dict(k=1, anchor_vectors=lambda: xa, anchor_labels=ya, data_coords=lambda d: d.project(x),
-                  data_rows=lambda idx: x[idx])
-        plain = fit_default(MomentStats(16).update(x), **kw)
-        monkeypatch.setattr(defaults, "NEIGHBOURS", True)
-        lent = fit_default(MomentStats(16).update(x), **kw)
-        monkeypatch.setattr(defaults, "NEIGHBOURS", False)
-        np.testing.assert_array_equal(xa, xa_before)
-        assert plain.neighbours is None and plain.meta["neighbours"] is False
+        x, y, plain, lent = _plain_and_lent(monkeypatch, seed, down_only=True)
+        near = lent.meta["neighbours"]
+        assert near == {"dims": 16, "k": defaults.NEIGHBOURS_K, "weight": defaults.NEIGHBOURS_WEIGHT, "rows": 800,
+                        "down_only": True, "centre": near["centre"]}
+        # the same probe, nothing re-scaled: its own logit's median is the centre
+        assert lent.intercept == plain.intercept and np.array_equal(lent.coef, plain.coef)
+        assert near["centre"] == pytest.approx(np.median((x - lent.mean) @ lent.direction()), abs=1e-4)
+        s, s0 = lent.score(x), plain.score(x)
+        assert (s <= s0).all()
+        up = lent.neighbours.mean_value(x - lent.mean) >= lent.neighbours.centre
+        assert 0.2 < up.mean() < 0.8 and np.array_equal(s[up], s0[up])  # among suspicious rows: untouched
+        assert (s[~up] < s0[~up]).all()
+        gains.append(auroc(s, y) - auroc(s0, y))
+    assert min(gains) > 0.001, gains  # measured 0.0016–0.0035 (on the devset: −0.002 to +0.02, README)
+
+
+def test_both_ways_ranks_a_cluster_higher_and_is_scaled_again_on_the_anchors(monkeypatch):
+    monkeypatch.setattr(defaults, "BLEND_WEIGHT", 0.5)
+    gains = []
+    for seed in range(3):
+        x, y, plain, lent = _plain_and_lent(monkeypatch, seed, down_only=False)
         assert lent.meta["neighbours"] == {"dims": 16, "k": defaults.NEIGHBOURS_K, "weight": defaults.NEIGHBOURS_WEIGHT,
                                            "rows": 800, "platt_slope": lent.meta["neighbours"]["platt_slope"]}
         assert lent.meta["neighbours"]["platt_slope"] > 0 and lent.threshold == defaults.PROBABILITY_THRESHOLD
+        assert not lent.neighbours.down_only and lent.neighbours.centre == 0.0
         s = lent.score(x)
         assert ((s > 0) & (s < 1)).all()  # still a probability
         gains.append(auroc(s, y) - auroc(plain.score(x), y))
@@ -112,7 +147,11 @@ def test_a_detector_with_neighbours_survives_save_and_load(tmp_path, monkeypatch
     back = Detector.load(det.save(tmp_path / "det"))
     np.testing.assert_array_equal(back.score(x), det.score(x))
     assert back.detector_id == det.detector_id != det.with_(neighbours=None).detector_id
-    assert json.loads((tmp_path / "det" / "detector.json").read_text())["neighbours_k"] == defaults.NEIGHBOURS_K
+    saved = json.loads((tmp_path / "det" / "detector.json").read_text())
+    assert saved["neighbours_k"] == defaults.NEIGHBOURS_K and saved["neighbours_down_only"] is True
+    assert saved["neighbours_centre"] == det.neighbours.centre != 0.0
+    moved = det.with_(neighbours=replace(det.neighbours, centre=det.neighbours.centre + 1.0))
+    assert moved.detector_id != det.detector_id  # the centre changes scores, so it is part of the identity
     # a detector.json that names neighbours whose tensors are gone is a one-line error, not a silent plain score
     from safetensors.numpy import load_file, save_file
 
@@ -122,13 +161,15 @@ def test_a_detector_with_neighbours_survives_save_and_load(tmp_path, monkeypatch
         Detector.load(tmp_path / "det")
 
 
-def test_the_cli_line_says_how_many_neighbours_each_row_was_lent():
+def test_the_cli_line_says_what_the_neighbours_did():
     from saft_gx.cli.score import anchors_phrase
 
     meta = {"anchors": "built-in", "adapted": {"rows": 600}, "blend": {"full_probe_weight": 0.5},
-            "adapted_whole": {"rows": 480}, "neighbours": {"k": 15, "rows": 600}}
+            "adapted_whole": {"rows": 480}, "neighbours": {"k": 15, "rows": 600, "down_only": True}}
     assert anchors_phrase(meta) == (" (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted "
-                                    "to 480 of the rows; each row lent its 15 nearest rows' scores (of 600))")
+                                    "to 480 of the rows; rows whose 15 nearest rows (of 600) score low lowered)")
+    both = {**meta, "neighbours": {"k": 15, "rows": 600, "platt_slope": 0.3}}
+    assert anchors_phrase(both).endswith("; each row lent its 15 nearest rows' scores (of 600))")
     assert "nearest" not in anchors_phrase({**meta, "neighbours": False})
 
 

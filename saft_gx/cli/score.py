@@ -56,8 +56,8 @@ def layers_phrase(meta: dict) -> str:
 
 
 def anchors_phrase(meta: dict) -> str:
-    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted to 480 of the rows; each
-    row lent its 15 nearest rows' scores (of 600))`` /
+    """`` (built-in anchors, adapted to 600 rows; blended with a whole-state probe, adapted to 480 of the rows; rows
+    whose 15 nearest rows (of 600) score low lowered)`` /
     `` (built-in anchors; not adapted: <why>; …)`` / ``""``."""
     if not meta.get("anchors"):
         return ""
@@ -67,7 +67,9 @@ def anchors_phrase(meta: dict) -> str:
         blended += f", adapted to {whole.get('rows')} of the rows"
     near = meta.get("neighbours")
     if blended and isinstance(near, dict):
-        blended += f"; each row lent its {near.get('k')} nearest rows' scores (of {near.get('rows')})"
+        blended += (f"; rows whose {near.get('k')} nearest rows (of {near.get('rows')}) score low lowered"
+                    if near.get("down_only") else
+                    f"; each row lent its {near.get('k')} nearest rows' scores (of {near.get('rows')})")
     adapted = meta.get("adapted")
     if isinstance(adapted, dict):
         return f" (built-in anchors, adapted to {adapted.get('rows')} rows{blended})"

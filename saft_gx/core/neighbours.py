@@ -1,9 +1,16 @@
 """A row's score lent by its nearest neighbours in the dataset (the last step of the default detector).
 
 Harmful rows of one dataset resemble one another more than they resemble the benign rows around them, and the
-default's linear score ranks each row alone. Adding the mean score of a row's nearest rows in the data lifts
-a harmful row whose neighbours are harmful too, and pulls an odd benign row towards its ordinary neighbours
-(fewer clean rows over τ). Measured in tests/bench/detection.py (README "Detection quality").
+default's linear score ranks each row alone. The mean score of a row's nearest rows in the data says which crowd
+it sits in. Two shapes:
+
+- *down only* (the default's): a row whose neighbours score below the data's median (``centre``) is lowered by
+  ``weight`` × the gap; no row is raised. A suspicious row among suspicious rows keeps its probability exactly,
+  so τ and the release gate mean what they meant; a middling row among ordinary rows sinks below the harmful
+  ones, which is where the ranking gains.
+- *both ways* (``down_only`` False): every row moves by ``weight`` × (its neighbours' mean − ``centre``).
+
+Measured in tests/bench/detection.py (README "Detection quality").
 
 Neighbours are found among a fixed sample of the data's rows (the *reference*, stored in the detector), by
 cosine similarity in the data's top ``m`` principal directions, whitened (each direction in its own standard
@@ -14,7 +21,7 @@ Pure: NumPy only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,13 +36,16 @@ class Neighbours:
     """basis: (m, d) whitened principal directions of the data (rows of basis applied to x − μ).
     reference: (r, m) unit vectors of the reference rows in that basis.
     values: (r,) the reference rows' linear scores (before any intercept).
-    k: neighbours averaged; weight: what their mean adds to a row's logit, per unit of score."""
+    k: neighbours averaged; weight: what their mean adds to a row's logit, per unit of score above ``centre``;
+    down_only: only lower rows (a mean above ``centre`` adds nothing)."""
 
     basis: np.ndarray
     reference: np.ndarray
     values: np.ndarray
     k: int
     weight: float
+    centre: float = 0.0
+    down_only: bool = False
 
     def __post_init__(self) -> None:
         m = self.basis.shape[0] if self.basis.ndim == 2 else -1
@@ -47,15 +57,16 @@ class Neighbours:
 
     @classmethod
     def fit(cls, basis: np.ndarray, centred_rows: np.ndarray, values: np.ndarray, *, k: int,
-            weight: float = 1.0) -> "Neighbours":
+            weight: float = 1.0, centre: float = 0.0, down_only: bool = False) -> "Neighbours":
         """From the whitened principal directions ``basis`` (m, d), the reference rows ``centred_rows`` (r, d)
         (x − μ) and their linear scores ``values`` (r,)."""
         basis = np.asarray(basis, dtype=np.float64)
         return cls(basis=basis, reference=_unit(np.asarray(centred_rows, dtype=np.float64) @ basis.T),
-                   values=np.asarray(values, dtype=np.float64), k=k, weight=weight)
+                   values=np.asarray(values, dtype=np.float64), k=k, weight=weight, centre=float(centre),
+                   down_only=bool(down_only))
 
     def with_weight(self, weight: float) -> "Neighbours":
-        return Neighbours(self.basis, self.reference, self.values, self.k, weight)
+        return replace(self, weight=weight)
 
     def mean_value(self, centred: np.ndarray) -> np.ndarray:
         """(n,) mean of ``values`` over each row's k nearest reference rows (one identical copy skipped)."""
@@ -74,8 +85,9 @@ class Neighbours:
         return out
 
     def lift(self, centred: np.ndarray) -> np.ndarray:
-        """(n,) what the neighbours add to each row's logit."""
-        return self.weight * self.mean_value(centred)
+        """(n,) what the neighbours add to each row's logit (≤ 0 everywhere when ``down_only``)."""
+        gap = self.mean_value(centred) - self.centre
+        return self.weight * (np.minimum(gap, 0.0) if self.down_only else gap)
 
 
 def _unit(e: np.ndarray) -> np.ndarray:

@@ -226,7 +226,8 @@ class Detector:
             "threshold": self.threshold,
             "form": self.form,
             **({"intercept": self.intercept, "link": self.link} if self.link != "identity" or self.intercept else {}),
-            **({"neighbours_k": self.neighbours.k, "neighbours_weight": self.neighbours.weight}
+            **({"neighbours_k": self.neighbours.k, "neighbours_weight": self.neighbours.weight,
+                "neighbours_centre": self.neighbours.centre, "neighbours_down_only": self.neighbours.down_only}
                if self.neighbours is not None else {}),
             **{k: v for k, v in self.meta.items()},
         }
@@ -251,7 +252,8 @@ class Detector:
             nb = self.neighbours
             for a in (nb.basis, nb.reference, nb.values):
                 h.update(b"neighbours" + np.ascontiguousarray(a, dtype=np.float64).tobytes())
-            ident["neighbours"] = {"k": nb.k, "weight": nb.weight}
+            ident["neighbours"] = {"k": nb.k, "weight": nb.weight,
+                                   **({"centre": nb.centre, "down_only": nb.down_only} if nb.down_only or nb.centre else {})}
         if self.link != "identity" or self.intercept:
             ident["link"], ident["intercept"] = self.link, float(self.intercept)
         h.update(json.dumps(ident, sort_keys=True).encode())
@@ -307,12 +309,14 @@ class Detector:
         intercept = float(meta.pop("intercept", 0.0))
         link = meta.pop("link", "identity")
         nb_k, nb_weight = meta.pop("neighbours_k", None), meta.pop("neighbours_weight", None)
+        nb_centre, nb_down = float(meta.pop("neighbours_centre", 0.0)), bool(meta.pop("neighbours_down_only", False))
         neighbours = None
         if nb_k is not None:
             try:
                 neighbours = Neighbours(t["neighbours_basis"].astype(np.float64),
                                         t["neighbours_reference"].astype(np.float64),
-                                        t["neighbours_values"].astype(np.float64), int(nb_k), float(nb_weight))
+                                        t["neighbours_values"].astype(np.float64), int(nb_k), float(nb_weight),
+                                        nb_centre, nb_down)
             except KeyError as e:
                 raise SaftError(f"--detector {directory}: detector.json names neighbours but {e} is missing") from None
         det = cls(

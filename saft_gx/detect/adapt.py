@@ -155,10 +155,15 @@ def reference_rows(data_scores: np.ndarray, most: int = defaults.NEIGHBOURS_ROWS
 def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
                     data_rows: Callable[[np.ndarray], np.ndarray], anchor_x: np.ndarray, anchor_y: np.ndarray, *,
                     dims: int = defaults.NEIGHBOURS_DIMS, k: int = defaults.NEIGHBOURS_K,
-                    weight: float = defaults.NEIGHBOURS_WEIGHT, most: int = defaults.NEIGHBOURS_ROWS) -> Detector:
-    """The one-direction logistic detector ``det`` with each row's logit raised by ``weight`` × the mean score of
-    its ``k`` nearest rows among a reference sample of the data (``core.neighbours``), Platt-scaled on the
-    anchors (whose neighbours are looked up among the same data rows).
+                    weight: float = defaults.NEIGHBOURS_WEIGHT, most: int = defaults.NEIGHBOURS_ROWS,
+                    down_only: bool = defaults.NEIGHBOURS_DOWN_ONLY) -> Detector:
+    """The one-direction logistic detector ``det`` with each row's logit moved by the mean score of its ``k``
+    nearest rows among a reference sample of the data (``core.neighbours``).
+
+    down_only (the default's): a row whose neighbours' mean logit is below the reference's median is lowered by
+    ``weight`` × the gap, in ``det``'s own calibrated logit; nothing else changes, so no row rises and the
+    probabilities of rows among suspicious rows stay as they were. Otherwise: every row moves by ``weight`` × its
+    neighbours' mean, Platt-scaled again on the anchors (whose neighbours are looked up among the same data rows).
 
     data_scores: (n,) any increasing function of ``det``'s score on every row (to spread the sample over ranks).
     data_rows(idx): the (m, d) vectors of rows ``idx`` (at most ``most`` of them). ``meta["neighbours"]`` records
@@ -173,11 +178,18 @@ def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
     xr, xa = xr - det.mean, xa - det.mean  # new arrays: the caller's anchors stay as they are
     pcs = Detector.fit(stats, k=min(dims, det.dim))  # the data's top principal directions, σ_j = sqrt(n·λ_j)
     sd = np.maximum(pcs.singular_values / np.sqrt(stats.n), 1e-12 * max(float(pcs.singular_values.max()), 1e-300))
-    nb = Neighbours.fit(pcs.components / sd[:, None], xr, xr @ w, k=k)  # whitened: each direction in its sd
+    values = xr @ w
+    # the reference is spread evenly over the data's ranks, so its median is the data's
+    centre = float(np.median(values)) if down_only else 0.0
+    nb = Neighbours.fit(pcs.components / sd[:, None], xr, values, k=k, centre=centre,  # whitened: each in its sd
+                        down_only=down_only)
+    settings = {"dims": nb.basis.shape[0], "k": k, "weight": weight, "rows": len(ref)}
+    if down_only:
+        return det.with_(neighbours=nb.with_weight(weight), meta={
+            **det.meta, "neighbours": {**settings, "down_only": True, "centre": round(centre, 4)}})
     slope, intercept = platt_on_anchors(xa @ w + weight * nb.mean_value(xa), ya)
     if slope <= 0:
         raise SaftError("neighbours: the smoothed score ranks the anchors backwards; score with --no-adapt")
     return det.with_(coef=slope * np.asarray(det.coef, dtype=np.float64), intercept=intercept,
                      neighbours=nb.with_weight(slope * weight), meta={
-                         **det.meta, "neighbours": {"dims": nb.basis.shape[0], "k": k, "weight": weight,
-                                                    "rows": len(ref), "platt_slope": round(slope, 4)}})
+                         **det.meta, "neighbours": {**settings, "platt_slope": round(slope, 4)}})

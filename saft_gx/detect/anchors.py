@@ -92,8 +92,8 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
     least ``defaults.ADAPT_MIN_ROWS`` rows. ``meta["adapted"]`` says whether and why not. The probe is then blended
     with a probe on the anchors' whole hidden state (``blend.blend_full_probe``; ``defaults.BLEND_WEIGHT`` 0: not),
     and, given ``data_rows(idx)`` (the vectors of rows ``idx``), the blend is adapted to the data's least suspicious
-    rows in the whole state (``adapt.adapt_whole_state``; ``meta["adapted_whole"]``), and each row's score is raised
-    by its nearest data rows' (``adapt.lend_neighbours``; ``meta["neighbours"]``).
+    rows in the whole state (``adapt.adapt_whole_state``; ``meta["adapted_whole"]``), and each row whose nearest data
+    rows score low is lowered (``adapt.lend_neighbours``; ``meta["neighbours"]``).
     ``probe_store`` keeps the anchors' whole-state probes between runs (``blend.anchor_probes``).
     Without anchors: plain SAFT (the paper's score, k = ``defaults.PLAIN_K`` unless given). ``k`` is capped at rows − 1 and
     the embedding size when it was not given explicitly."""
@@ -139,6 +139,6 @@ def fit_default(stats: MomentStats, *, k: int | None = None, weighting: str | No
             if defaults.ADAPT_WHOLE:
                 det = adapt_whole_state(det, stats, s, rows, xa, y)
             if defaults.NEIGHBOURS:
-                det = lend_neighbours(det, stats, s, rows, xa, y)
+                det = lend_neighbours(det, stats, s, rows, xa, y, down_only=defaults.NEIGHBOURS_DOWN_ONLY)
         det = det.with_(meta={"adapted_whole": False, "neighbours": False, **det.meta})
     return det

@@ -164,8 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blend-c", type=float, help=f"the whole-state probe's inverse ridge strength (default {defaults.BLEND_C:g})")
     ap.add_argument("--no-adapt-whole", action="store_true", help="the default without adapting the blend to the "
                     "data's benign rows in the whole state (the default before this option)")
-    ap.add_argument("--neighbours", action="store_true", help="the default with each row lent its nearest data rows' "
-                    "scores (saft_gx/core/neighbours.py; off by default)")
+    ap.add_argument("--no-neighbours", action="store_true", help="the default without lowering the rows whose nearest "
+                    "data rows score low (saft_gx/core/neighbours.py; the default before this option)")
+    ap.add_argument("--neighbours-both", action="store_true", help="each row moved both ways by its nearest data rows' "
+                    "scores and Platt-scaled again on the anchors (measured, not the default)")
     ap.add_argument("--k", type=int, help=f"the default probe's subspace size (default {defaults.K})")
     args = ap.parse_args(argv)
     if args.blend_c is not None:
@@ -174,8 +176,10 @@ def main(argv: list[str] | None = None) -> None:
         defaults.K = args.k
     if args.no_adapt_whole:
         defaults.ADAPT_WHOLE = False
-    if args.neighbours:
-        defaults.NEIGHBOURS = True
+    if args.no_neighbours:
+        defaults.NEIGHBOURS = False
+    if args.neighbours_both:
+        defaults.NEIGHBOURS_DOWN_ONLY = False
     if args.tau is not None:
         defaults.PROBABILITY_THRESHOLD = args.tau  # fit_default reads it at call time
     if args.blend_weight is not None:
