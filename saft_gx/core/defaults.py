@@ -40,8 +40,8 @@ ADAPT_WHOLE_ROWS = 2000  # data rows it is refitted on at most (evenly over the 
 # mean calibrated logit of its 15 nearest rows (cosine in the data's top 32 principal directions, whitened), where
 # below the data's median, lowers the row's logit by twice the gap; no row is raised. Chosen on the benchmark's
 # development half among a centre at the 30th / 50th / 70th / 90th percentile, weight 2 / 4 and k 15 / 30: the
-# median at weight 2 gave −0.002 to +0.02 AUROC (+0.01 to +0.02 at λ 0.2–0.3) with F1, flags and clean rates unchanged (higher centres ranked
-# better at λ ≥ 0.2 but flagged fewer harmful rows). Both ways, Platt-scaled on the anchors (NEIGHBOURS_DOWN_ONLY
+# median at weight 2 gave −0.002 to +0.02 AUROC (+0.01 to +0.02 at λ 0.2–0.3) with F1, flags and clean rates
+# unchanged (higher centres ranked better at λ ≥ 0.2 but flagged fewer harmful rows). Both ways, Platt-scaled on the anchors (NEIGHBOURS_DOWN_ONLY
 # False) ranked better still but shrank the probabilities, so the release gate passed contaminated sets.
 # tests/bench/detection.py --no-neighbours / --neighbours-both measure the alternatives.
 NEIGHBOURS = True

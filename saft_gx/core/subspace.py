@@ -252,8 +252,9 @@ class Detector:
             nb = self.neighbours
             for a in (nb.basis, nb.reference, nb.values):
                 h.update(b"neighbours" + np.ascontiguousarray(a, dtype=np.float64).tobytes())
-            ident["neighbours"] = {"k": nb.k, "weight": nb.weight,
-                                   **({"centre": nb.centre, "down_only": nb.down_only} if nb.down_only or nb.centre else {})}
+            ident["neighbours"] = {"k": nb.k, "weight": nb.weight}
+            if nb.down_only or nb.centre:  # only then: a detector saved before these fields keeps its id
+                ident["neighbours"].update(centre=nb.centre, down_only=nb.down_only)
         if self.link != "identity" or self.intercept:
             ident["link"], ident["intercept"] = self.link, float(self.intercept)
         h.update(json.dumps(ident, sort_keys=True).encode())
