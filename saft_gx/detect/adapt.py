@@ -175,7 +175,7 @@ def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
         raise SaftError(f"neighbours: {len(ref)} rows are too few for {k} neighbours each")
     xr, xa, ya = _rows_and_anchors(det, ref, data_rows, anchor_x, anchor_y)
     w = det.direction()  # logit = ⟨x − μ, w⟩ + intercept
-    xr, xa = xr - det.mean, xa - det.mean  # new arrays: the caller's anchors stay as they are
+    xr = xr - det.mean
     pcs = Detector.fit(stats, k=min(dims, det.dim))  # the data's top principal directions, σ_j = sqrt(n·λ_j)
     sd = np.maximum(pcs.singular_values / np.sqrt(stats.n), 1e-12 * max(float(pcs.singular_values.max()), 1e-300))
     values = xr @ w
@@ -187,6 +187,7 @@ def lend_neighbours(det: Detector, stats: MomentStats, data_scores: np.ndarray,
     if down_only:
         return det.with_(neighbours=nb.with_weight(weight), meta={
             **det.meta, "neighbours": {**settings, "down_only": True, "centre": round(centre, 4)}})
+    xa = xa - det.mean  # a new array: the caller's anchors stay as they are
     slope, intercept = platt_on_anchors(xa @ w + weight * nb.mean_value(xa), ya)
     if slope <= 0:
         raise SaftError("neighbours: the smoothed score ranks the anchors backwards; score with --no-adapt")
